@@ -1,0 +1,771 @@
+"""Load and validate YAML policies into frozen, typed objects.
+
+Files are composed into YAML nodes first, so every problem can name its file
+and line, duplicate keys are caught (PyYAML's own loader keeps the last one
+silently), and YAML 1.1 surprises are caught on the raw text: an unquoted
+`no` or `off` that became a boolean, or a uid such as `0755` that YAML reads
+as octal. All problems of all files are collected and raised together as one
+PolicyError, in the form `FILE:LINE: field: problem; fix`.
+"""
+
+from __future__ import annotations
+
+import grp
+import logging
+import os
+import pwd
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import yaml
+
+from broker import units
+from broker.errors import PolicyError, PolicyProblem
+
+log = logging.getLogger(__name__)
+
+DEFAULT_POLICY_DIR = Path("/etc/broker/policies.d")
+BUNDLED_DEFAULT = Path(__file__).parent / "policies" / "default.yaml"
+
+CPU_WEIGHT_RANGE = (1, 10000)
+IO_WEIGHT_RANGE = (1, 10000)
+CPU_MAX_DEFAULT_PERIOD_US = 100000
+
+# Plain scalars that YAML 1.1 turns into booleans.
+_YAML11_BOOLEANS = {"y", "yes", "n", "no", "on", "off", "true", "false"}
+
+
+# --------------------------------------------------------------------------
+# Typed policy objects
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CpuMax:
+    """`cpu.max`: quota in microseconds (None means "max") per period."""
+
+    quota_us: int | None
+    period_us: int = CPU_MAX_DEFAULT_PERIOD_US
+
+    def kernel_text(self) -> str:
+        quota = "max" if self.quota_us is None else str(self.quota_us)
+        return f"{quota} {self.period_us}"
+
+
+@dataclass(frozen=True)
+class Tier:
+    """A named warm-slot size and the cgroup reservations written to each slot."""
+
+    name: str
+    cpu_weight: int
+    memory_min: int
+    memory_low: int | None = None
+    memory_high: int | None = None  # None: leave the kernel default ("max")
+    cpu_max: CpuMax | None = None
+    io_weight: int | None = None
+
+    def knobs(self) -> dict[str, str]:
+        """Return the cgroup control files and the text to write to each."""
+        out = {"cpu.weight": str(self.cpu_weight), "memory.min": str(self.memory_min)}
+        if self.memory_low is not None:
+            out["memory.low"] = str(self.memory_low)
+        if self.memory_high is not None:
+            out["memory.high"] = str(self.memory_high)
+        if self.cpu_max is not None:
+            out["cpu.max"] = self.cpu_max.kernel_text()
+        if self.io_weight is not None:
+            out["io.weight"] = str(self.io_weight)
+        return out
+
+
+@dataclass(frozen=True)
+class UserMatch:
+    """How a policy entry selects Unix users: exactly one field is set."""
+
+    name: str | None = None
+    uid: int | None = None
+    uid_range: tuple[int, int] | None = None
+    group: str | None = None
+
+    def describe(self) -> str:
+        if self.name is not None:
+            return f"user {self.name}"
+        if self.uid is not None:
+            return f"uid {self.uid}"
+        if self.uid_range is not None:
+            return f"uids {self.uid_range[0]}-{self.uid_range[1]}"
+        return f"group {self.group}"
+
+    @property
+    def specificity(self) -> int:
+        """Rank used when several entries match one uid: higher wins."""
+        if self.name is not None or self.uid is not None:
+            return 3
+        if self.uid_range is not None:
+            return 2
+        return 1
+
+    def matches(self, uid: int, name: str | None, groups: frozenset[str]) -> bool:
+        if self.name is not None:
+            return name == self.name
+        if self.uid is not None:
+            return uid == self.uid
+        if self.uid_range is not None:
+            return self.uid_range[0] <= uid <= self.uid_range[1]
+        return self.group in groups
+
+
+@dataclass(frozen=True)
+class UserPolicy:
+    """A policy entry for matched users: static pool per tier and idle timeout."""
+
+    match: UserMatch
+    pool: tuple[tuple[str, int], ...]  # (tier name, slots), in file order
+    idle_timeout: float
+    max_slots: int  # cap on the pool per tier when the forecast sizes it
+    source: str  # FILE:LINE of the entry, for messages
+
+    def pool_dict(self) -> dict[str, int]:
+        return dict(self.pool)
+
+
+@dataclass(frozen=True)
+class ClassRates:
+    """An HTB class's guaranteed rate and ceiling, in bit/s."""
+
+    rate: int
+    ceil: int
+
+
+@dataclass(frozen=True)
+class InterfacePolicy:
+    """Egress shaping on one interface."""
+
+    name: str
+    link_rate: int  # bit/s
+    default: ClassRates  # the class for unmanaged traffic
+    user: ClassRates  # each managed user's class while no slot is busy
+    tiers: tuple[tuple[str, ClassRates], ...]  # warm rates per tier
+    r2q: int = 10
+
+    def tier_rates(self) -> dict[str, ClassRates]:
+        return dict(self.tiers)
+
+
+@dataclass(frozen=True)
+class ForecastPolicy:
+    """Settings for demand collection, the forecast and the planner."""
+
+    enabled: bool = False
+    interval: float = 1.0  # seconds between demand samples
+    plan_interval: float = 10.0  # seconds between planner runs
+    quantile: float = 0.9
+    window: int = 256  # max samples per user in the training window
+    horizon_min: float = 10.0
+    horizon_max: float = 300.0
+    service_time: float = 1.0  # seconds a connection holds a slot, if not measured
+    memory_min_share: float = 0.5  # cap: sum of memory.min over all slots / RAM
+    anomaly_sigma: float = 4.0
+    weights: tuple[tuple[str, float], ...] = (
+        ("connections", 1.0),
+        ("cpu", 1.0),
+        ("memory", 1.0),
+        ("bandwidth", 1.0),
+    )
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The whole validated policy set, merged from all files."""
+
+    tiers: tuple[Tier, ...]
+    users: tuple[UserPolicy, ...]
+    interfaces: tuple[InterfacePolicy, ...] = ()
+    forecast: ForecastPolicy = field(default_factory=ForecastPolicy)
+    sources: tuple[str, ...] = ()
+
+    def tier(self, name: str) -> Tier:
+        for tier in self.tiers:
+            if tier.name == name:
+                return tier
+        raise KeyError(name)
+
+    def user_policy_for(self, uid: int) -> UserPolicy | None:
+        """Return the most specific entry that matches uid, or None."""
+        name, groups = _account(uid)
+        best: UserPolicy | None = None
+        for entry in self.users:
+            if not entry.match.matches(uid, name, groups):
+                continue
+            if best is None or entry.match.specificity > best.match.specificity:
+                best = entry
+        return best
+
+    def summary(self) -> str:
+        slots = sum(n for u in self.users for _, n in u.pool)
+        return (
+            f"{len(self.sources)} file(s), {len(self.tiers)} tier(s), "
+            f"{len(self.users)} user entr{'y' if len(self.users) == 1 else 'ies'}, "
+            f"{slots} warm slot(s) per matched user set, "
+            f"{len(self.interfaces)} shaped interface(s)"
+        )
+
+
+def _account(uid: int) -> tuple[str | None, frozenset[str]]:
+    """Return the user name and group names of uid, from the passwd database."""
+    try:
+        entry = pwd.getpwuid(uid)
+    except KeyError:
+        return None, frozenset()
+    names = {g.gr_name for g in grp.getgrall() if entry.pw_name in g.gr_mem}
+    try:
+        names.add(grp.getgrgid(entry.pw_gid).gr_name)
+    except KeyError:
+        pass
+    return entry.pw_name, frozenset(names)
+
+
+# --------------------------------------------------------------------------
+# Node reading with file:line problems
+# --------------------------------------------------------------------------
+
+
+class _Reader:
+    """Walks composed YAML nodes of one file and collects problems."""
+
+    def __init__(self, path: str, problems: list[PolicyProblem]):
+        self.path = path
+        self.problems = problems
+
+    def problem(self, node: yaml.Node | None, fld: str, text: str, fix: str) -> None:
+        line = node.start_mark.line + 1 if node is not None else 1
+        self.problems.append(PolicyProblem(self.path, line, fld, text, fix))
+
+    def where(self, node: yaml.Node) -> str:
+        return f"{self.path}:{node.start_mark.line + 1}"
+
+    def mapping(self, node: yaml.Node, fld: str) -> dict[str, tuple[yaml.Node, yaml.Node]] | None:
+        """Return {key: (key node, value node)}, reporting duplicate keys."""
+        if not isinstance(node, yaml.MappingNode):
+            self.problem(node, fld, "expected a mapping", "write `key: value` lines")
+            return None
+        out: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            if key in out:
+                first = out[key][0].start_mark.line + 1
+                self.problem(
+                    key_node,
+                    f"{fld}.{key}" if fld else key,
+                    f"duplicate key (first set on line {first})",
+                    "keep one of the two",
+                )
+                continue
+            out[key] = (key_node, value_node)
+        return out
+
+    def unknown_keys(
+        self, items: dict[str, tuple[yaml.Node, yaml.Node]], known: Iterable[str], fld: str
+    ) -> None:
+        allowed = sorted(known)
+        for key, (key_node, _) in items.items():
+            if key not in allowed:
+                self.problem(
+                    key_node,
+                    f"{fld}.{key}" if fld else key,
+                    "unknown field",
+                    f"use one of: {', '.join(allowed)}",
+                )
+
+    def scalar(self, node: yaml.Node, fld: str) -> yaml.ScalarNode | None:
+        if not isinstance(node, yaml.ScalarNode):
+            self.problem(node, fld, "expected a single value", "write a plain value")
+            return None
+        return node
+
+    def string(self, node: yaml.Node, fld: str) -> str | None:
+        scalar = self.scalar(node, fld)
+        if scalar is None:
+            return None
+        if scalar.style is None and scalar.value.lower() in _YAML11_BOOLEANS:
+            self.problem(
+                node,
+                fld,
+                f"unquoted {scalar.value!r} is read by YAML as a boolean",
+                f'quote it: "{scalar.value}"',
+            )
+            return None
+        return str(scalar.value)
+
+    def integer(
+        self, node: yaml.Node, fld: str, low: int | None = None, high: int | None = None
+    ) -> int | None:
+        scalar = self.scalar(node, fld)
+        if scalar is None:
+            return None
+        text = scalar.value.strip()
+        if re.fullmatch(r"0\d+", text):
+            self.problem(
+                node,
+                fld,
+                f"{text} has a leading zero, which YAML 1.1 reads as octal",
+                f"write {int(text, 10)} without the leading zero, or 0o{text[1:]} "
+                f"if octal is meant",
+            )
+            return None
+        if not re.fullmatch(r"-?\d+", text) or scalar.style is not None:
+            self.problem(node, fld, f"{text!r} is not an integer", "write a whole number")
+            return None
+        value = int(text)
+        return self._in_range(node, fld, value, low, high)
+
+    def number(
+        self, node: yaml.Node, fld: str, low: float | None = None, high: float | None = None
+    ) -> float | None:
+        scalar = self.scalar(node, fld)
+        if scalar is None:
+            return None
+        try:
+            value = float(scalar.value)
+        except ValueError:
+            self.problem(node, fld, f"{scalar.value!r} is not a number", "write a number")
+            return None
+        return self._in_range(node, fld, value, low, high)
+
+    def _in_range(self, node, fld, value, low, high):
+        if (low is not None and value < low) or (high is not None and value > high):
+            self.problem(
+                node,
+                fld,
+                f"{value} is out of range",
+                f"the valid range is {low}..{high}",
+            )
+            return None
+        return value
+
+    def boolean(self, node: yaml.Node, fld: str) -> bool | None:
+        scalar = self.scalar(node, fld)
+        if scalar is None:
+            return None
+        text = scalar.value.lower()
+        if scalar.style is None and text in ("true", "yes", "on"):
+            return True
+        if scalar.style is None and text in ("false", "no", "off"):
+            return False
+        self.problem(node, fld, f"{scalar.value!r} is not a boolean", "write true or false")
+        return None
+
+    def converted(self, node: yaml.Node, fld: str, parse: Callable[[Any], Any]) -> Any:
+        """Run a units parser on a scalar; a ValueError becomes a problem."""
+        scalar = self.scalar(node, fld)
+        if scalar is None:
+            return None
+        raw: Any = scalar.value
+        if scalar.style is None and re.fullmatch(r"\d+", raw):
+            raw = int(raw)
+        try:
+            return parse(raw)
+        except ValueError as exc:
+            text = str(exc)
+            problem, _, fix = text.partition("; ")
+            self.problem(node, fld, problem, fix or "see the policy documentation")
+            return None
+
+
+# --------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------
+
+_TOP_KEYS = ("tiers", "users", "idle_timeout", "network", "forecast")
+_TIER_KEYS = ("cpu.weight", "memory.min", "memory.low", "memory.high", "cpu.max", "io.weight")
+_USER_KEYS = ("name", "uid", "uids", "group", "pool", "idle_timeout", "max_slots")
+_MATCH_KEYS = ("name", "uid", "uids", "group")
+
+
+def _parse_cpu_max(text: Any) -> CpuMax:
+    parts = str(text).split()
+    if not parts or len(parts) > 2:
+        raise ValueError(f"invalid cpu.max {text!r}; write 'max', 'QUOTA' or 'QUOTA PERIOD' in microseconds")
+    period = CPU_MAX_DEFAULT_PERIOD_US
+    if len(parts) == 2:
+        if not parts[1].isdigit() or not 1000 <= int(parts[1]) <= 1000000:
+            raise ValueError(f"invalid cpu.max period {parts[1]!r}; write 1000..1000000 microseconds")
+        period = int(parts[1])
+    if parts[0] == "max":
+        return CpuMax(None, period)
+    if not parts[0].isdigit() or int(parts[0]) < 1000:
+        raise ValueError(f"invalid cpu.max quota {parts[0]!r}; write 'max' or at least 1000 microseconds")
+    return CpuMax(int(parts[0]), period)
+
+
+def _parse_memory_high(text: Any) -> int | None:
+    if str(text) == "max":
+        return None
+    return units.parse_size(text)
+
+
+def _parse_tier(reader: _Reader, name: str, node: yaml.Node) -> Tier | None:
+    fld = f"tiers.{name}"
+    items = reader.mapping(node, fld)
+    if items is None:
+        return None
+    reader.unknown_keys(items, _TIER_KEYS, fld)
+    values: dict[str, Any] = {}
+    for key in ("cpu.weight", "memory.min"):
+        if key not in items:
+            reader.problem(node, f"{fld}.{key}", "missing", f"add {key} to tier {name}")
+    if "cpu.weight" in items:
+        values["cpu_weight"] = reader.integer(items["cpu.weight"][1], f"{fld}.cpu.weight", *CPU_WEIGHT_RANGE)
+    if "memory.min" in items:
+        values["memory_min"] = reader.converted(items["memory.min"][1], f"{fld}.memory.min", units.parse_size)
+    if "memory.low" in items:
+        values["memory_low"] = reader.converted(items["memory.low"][1], f"{fld}.memory.low", units.parse_size)
+    if "memory.high" in items:
+        values["memory_high"] = reader.converted(items["memory.high"][1], f"{fld}.memory.high", _parse_memory_high)
+    if "cpu.max" in items:
+        values["cpu_max"] = reader.converted(items["cpu.max"][1], f"{fld}.cpu.max", _parse_cpu_max)
+    if "io.weight" in items:
+        values["io_weight"] = reader.integer(items["io.weight"][1], f"{fld}.io.weight", *IO_WEIGHT_RANGE)
+    if values.get("cpu_weight") is None or values.get("memory_min") is None:
+        return None
+    low, high, low_node = values.get("memory_low"), values.get("memory_high"), items.get("memory.low")
+    if low is not None and low < values["memory_min"] and low_node:
+        reader.problem(low_node[1], f"{fld}.memory.low", "is below memory.min", "set memory.low >= memory.min or drop it")
+    if high is not None and high < values["memory_min"] and "memory.high" in items:
+        reader.problem(items["memory.high"][1], f"{fld}.memory.high", "is below memory.min", "raise memory.high above memory.min")
+    return Tier(name=name, **values)
+
+
+def _parse_uid_range(text: Any) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", str(text))
+    if not match:
+        raise ValueError(f"invalid uid range {text!r}; write FIRST-LAST, e.g. 2000-2999")
+    first, last = int(match.group(1)), int(match.group(2))
+    if first > last:
+        raise ValueError(f"uid range {text!r} is reversed; write the lower uid first")
+    return first, last
+
+
+def _parse_user(reader: _Reader, index: int, node: yaml.Node, default_idle: float) -> UserPolicy | None:
+    fld = f"users[{index}]"
+    items = reader.mapping(node, fld)
+    if items is None:
+        return None
+    reader.unknown_keys(items, _USER_KEYS, fld)
+    present = [k for k in _MATCH_KEYS if k in items]
+    if len(present) != 1:
+        reader.problem(
+            node,
+            fld,
+            "needs exactly one of name, uid, uids, group" + (f" (has {', '.join(present)})" if present else ""),
+            "keep one way to match users per entry",
+        )
+        return None
+    key = present[0]
+    value_node = items[key][1]
+    who = f"{fld}.{key}"
+    match: UserMatch | None = None
+    if key == "name":
+        name = reader.string(value_node, who)
+        match = UserMatch(name=name) if name else None
+    elif key == "uid":
+        uid = reader.integer(value_node, who, 0, 2**32 - 2)
+        match = UserMatch(uid=uid) if uid is not None else None
+    elif key == "uids":
+        span = reader.converted(value_node, who, _parse_uid_range)
+        match = UserMatch(uid_range=span) if span else None
+    else:
+        group = reader.string(value_node, who)
+        match = UserMatch(group=group) if group else None
+    if match is None:
+        return None
+    label = match.describe()
+
+    pool: list[tuple[str, int]] = []
+    if "pool" not in items:
+        reader.problem(node, f"{fld}.pool", f"missing for {label}", "add e.g. `pool: {light: 2}`")
+    else:
+        pool_items = reader.mapping(items["pool"][1], f"{fld}.pool") or {}
+        for tier_name, (_, count_node) in pool_items.items():
+            count = reader.integer(count_node, f"{fld}.pool.{tier_name} ({label})", 0, 64)
+            if count is not None:
+                pool.append((tier_name, count))
+    idle = default_idle
+    if "idle_timeout" in items:
+        parsed = reader.converted(items["idle_timeout"][1], f"{fld}.idle_timeout ({label})", units.parse_duration)
+        idle = parsed if parsed is not None else idle
+    max_slots = max([n for _, n in pool] + [8])
+    if "max_slots" in items:
+        parsed_max = reader.integer(items["max_slots"][1], f"{fld}.max_slots ({label})", 0, 256)
+        max_slots = parsed_max if parsed_max is not None else max_slots
+    return UserPolicy(match, tuple(pool), idle, max_slots, reader.where(node))
+
+
+def _parse_rates(reader: _Reader, node: yaml.Node, fld: str) -> ClassRates | None:
+    items = reader.mapping(node, fld)
+    if items is None:
+        return None
+    reader.unknown_keys(items, ("rate", "ceil"), fld)
+    if "rate" not in items:
+        reader.problem(node, f"{fld}.rate", "missing", "add a guaranteed rate, e.g. rate: 10mbit")
+        return None
+    rate = reader.converted(items["rate"][1], f"{fld}.rate", units.parse_rate)
+    ceil = rate
+    if "ceil" in items:
+        ceil = reader.converted(items["ceil"][1], f"{fld}.ceil", units.parse_rate)
+    if rate is None or ceil is None:
+        return None
+    if rate > ceil:
+        reader.problem(items["rate"][1], f"{fld}.rate", f"rate {units.format_rate(rate)} is above ceil {units.format_rate(ceil)}", "lower rate or raise ceil")
+        return None
+    return ClassRates(rate, ceil)
+
+
+def _parse_interface(reader: _Reader, index: int, node: yaml.Node) -> InterfacePolicy | None:
+    fld = f"network.interfaces[{index}]"
+    items = reader.mapping(node, fld)
+    if items is None:
+        return None
+    reader.unknown_keys(items, ("name", "link_rate", "default", "user", "tiers", "r2q"), fld)
+    for key in ("name", "link_rate", "default", "user"):
+        if key not in items:
+            reader.problem(node, f"{fld}.{key}", "missing", f"add {key}")
+    if any(k not in items for k in ("name", "link_rate", "default", "user")):
+        return None
+    name = reader.string(items["name"][1], f"{fld}.name")
+    link = reader.converted(items["link_rate"][1], f"{fld}.link_rate", units.parse_rate)
+    default = _parse_rates(reader, items["default"][1], f"{fld}.default")
+    user = _parse_rates(reader, items["user"][1], f"{fld}.user")
+    r2q = 10
+    if "r2q" in items:
+        r2q = reader.integer(items["r2q"][1], f"{fld}.r2q", 1, 100000) or 10
+    tiers: list[tuple[str, ClassRates]] = []
+    if "tiers" in items:
+        for tier_name, (_, rates_node) in (reader.mapping(items["tiers"][1], f"{fld}.tiers") or {}).items():
+            rates = _parse_rates(reader, rates_node, f"{fld}.tiers.{tier_name}")
+            if rates is not None:
+                tiers.append((tier_name, rates))
+    if name is None or link is None or default is None or user is None:
+        return None
+    for label, rates, rnode in [("default", default, items["default"][1]), ("user", user, items["user"][1])] + [
+        (f"tiers.{t}", r, items["tiers"][1]) for t, r in tiers
+    ]:
+        if rates.ceil > link:
+            reader.problem(rnode, f"{fld}.{label}.ceil", f"ceil {units.format_rate(rates.ceil)} is above link_rate {units.format_rate(link)}", "lower ceil to at most link_rate")
+    return InterfacePolicy(name, link, default, user, tuple(tiers), r2q)
+
+
+def _parse_forecast(reader: _Reader, node: yaml.Node) -> ForecastPolicy | None:
+    fld = "forecast"
+    items = reader.mapping(node, fld)
+    if items is None:
+        return None
+    known = (
+        "enabled", "interval", "plan_interval", "quantile", "window", "horizon_min",
+        "horizon_max", "service_time", "memory_min_share", "anomaly_sigma", "weights",
+    )
+    reader.unknown_keys(items, known, fld)
+    values: dict[str, Any] = {}
+    if "enabled" in items:
+        values["enabled"] = reader.boolean(items["enabled"][1], f"{fld}.enabled")
+    for key in ("interval", "plan_interval", "horizon_min", "horizon_max", "service_time"):
+        if key in items:
+            values[key] = reader.converted(items[key][1], f"{fld}.{key}", units.parse_duration)
+    if "quantile" in items:
+        values["quantile"] = reader.number(items["quantile"][1], f"{fld}.quantile", 0.5, 0.999)
+    if "window" in items:
+        values["window"] = reader.integer(items["window"][1], f"{fld}.window", 8, 4096)
+    if "memory_min_share" in items:
+        values["memory_min_share"] = reader.number(items["memory_min_share"][1], f"{fld}.memory_min_share", 0.0, 0.95)
+    if "anomaly_sigma" in items:
+        values["anomaly_sigma"] = reader.number(items["anomaly_sigma"][1], f"{fld}.anomaly_sigma", 1.0, 100.0)
+    if "weights" in items:
+        weights = []
+        for key, (_, wnode) in (reader.mapping(items["weights"][1], f"{fld}.weights") or {}).items():
+            if key not in ("connections", "cpu", "memory", "bandwidth"):
+                reader.problem(wnode, f"{fld}.weights.{key}", "unknown resource", "use connections, cpu, memory or bandwidth")
+                continue
+            weight = reader.number(wnode, f"{fld}.weights.{key}", 0.0, 100.0)
+            if weight is not None:
+                weights.append((key, weight))
+        values["weights"] = tuple(weights)
+    if any(v is None for v in values.values()):
+        return None
+    result = ForecastPolicy(**values)
+    if result.horizon_min > result.horizon_max:
+        reader.problem(node, f"{fld}.horizon_min", "is above horizon_max", "set horizon_min <= horizon_max")
+        return None
+    return result
+
+
+# --------------------------------------------------------------------------
+# Files and merging
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class _FileParts:
+    path: str
+    tiers: list[tuple[Tier, str]] = field(default_factory=list)
+    users: list[UserPolicy] = field(default_factory=list)
+    interfaces: list[tuple[InterfacePolicy, str]] = field(default_factory=list)
+    forecast: tuple[ForecastPolicy, str] | None = None
+
+
+def _compose(path: str, text: str, problems: list[PolicyProblem]) -> yaml.Node | None:
+    try:
+        return yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 1
+        problems.append(PolicyProblem(path, line, "(syntax)", str(exc.problem or exc), "fix the YAML syntax"))
+    except yaml.YAMLError as exc:
+        problems.append(PolicyProblem(path, 1, "(syntax)", str(exc), "fix the YAML syntax"))
+    return None
+
+
+def _parse_file(path: str, text: str, problems: list[PolicyProblem]) -> _FileParts:
+    parts = _FileParts(path)
+    root = _compose(path, text, problems)
+    if root is None:
+        return parts
+    reader = _Reader(path, problems)
+    items = reader.mapping(root, "")
+    if items is None:
+        return parts
+    reader.unknown_keys(items, _TOP_KEYS, "")
+    default_idle = 30.0
+    if "idle_timeout" in items:
+        default_idle = reader.converted(items["idle_timeout"][1], "idle_timeout", units.parse_duration) or default_idle
+    if "tiers" in items:
+        for name, (key_node, tier_node) in (reader.mapping(items["tiers"][1], "tiers") or {}).items():
+            tier = _parse_tier(reader, name, tier_node)
+            if tier is not None:
+                parts.tiers.append((tier, reader.where(key_node)))
+    if "users" in items:
+        users_node = items["users"][1]
+        if not isinstance(users_node, yaml.SequenceNode):
+            reader.problem(users_node, "users", "expected a list", "write each user entry as `- name: ...`")
+        else:
+            for index, user_node in enumerate(users_node.value):
+                user = _parse_user(reader, index, user_node, default_idle)
+                if user is not None:
+                    parts.users.append(user)
+    if "network" in items:
+        net = reader.mapping(items["network"][1], "network") or {}
+        reader.unknown_keys(net, ("interfaces",), "network")
+        if "interfaces" in net:
+            seq = net["interfaces"][1]
+            if not isinstance(seq, yaml.SequenceNode):
+                reader.problem(seq, "network.interfaces", "expected a list", "write each interface as `- name: eth0`")
+            else:
+                for index, if_node in enumerate(seq.value):
+                    iface = _parse_interface(reader, index, if_node)
+                    if iface is not None:
+                        parts.interfaces.append((iface, reader.where(if_node)))
+    if "forecast" in items:
+        forecast = _parse_forecast(reader, items["forecast"][1])
+        if forecast is not None:
+            parts.forecast = (forecast, reader.where(items["forecast"][0]))
+    return parts
+
+
+def _problem_at(where: str, fld: str, problem: str, fix: str) -> PolicyProblem:
+    path, _, line = where.rpartition(":")
+    return PolicyProblem(path, int(line), fld, problem, fix)
+
+
+def _merge(files: list[_FileParts], problems: list[PolicyProblem]) -> Policy:
+    tiers: dict[str, tuple[Tier, str]] = {}
+    interfaces: dict[str, tuple[InterfacePolicy, str]] = {}
+    forecast: tuple[ForecastPolicy, str] | None = None
+    users: list[UserPolicy] = []
+    for parts in files:
+        for tier, where in parts.tiers:
+            if tier.name in tiers:
+                problems.append(_problem_at(where, f"tiers.{tier.name}", f"tier defined twice (also at {tiers[tier.name][1]})", "rename or remove one"))
+                continue
+            tiers[tier.name] = (tier, where)
+        for iface, where in parts.interfaces:
+            if iface.name in interfaces:
+                problems.append(_problem_at(where, "network.interfaces", f"interface {iface.name} defined twice (also at {interfaces[iface.name][1]})", "keep one"))
+                continue
+            interfaces[iface.name] = (iface, where)
+        if parts.forecast is not None:
+            if forecast is not None:
+                problems.append(_problem_at(parts.forecast[1], "forecast", f"forecast section defined twice (also at {forecast[1]})", "keep one"))
+            else:
+                forecast = parts.forecast
+        users.extend(parts.users)
+
+    _check_references(tiers, users, interfaces, problems)
+    return Policy(
+        tiers=tuple(t for t, _ in tiers.values()),
+        users=tuple(users),
+        interfaces=tuple(i for i, _ in interfaces.values()),
+        forecast=forecast[0] if forecast else ForecastPolicy(),
+        sources=tuple(p.path for p in files),
+    )
+
+
+def _check_references(tiers, users, interfaces, problems) -> None:
+    seen: dict[UserMatch, str] = {}
+    for user in users:
+        for tier_name, _ in user.pool:
+            if tier_name not in tiers:
+                known = ", ".join(sorted(tiers)) or "none defined"
+                problems.append(_problem_at(user.source, f"pool.{tier_name}", f"unknown tier for {user.match.describe()}", f"define it under tiers (known: {known})"))
+        if user.match in seen:
+            problems.append(_problem_at(user.source, "users", f"{user.match.describe()} is listed twice (also at {seen[user.match]})", "merge the two entries"))
+        seen.setdefault(user.match, user.source)
+    for iface, where in interfaces.values():
+        for tier_name, _ in iface.tiers:
+            if tier_name not in tiers:
+                problems.append(_problem_at(where, f"network.interfaces.tiers.{tier_name}", "unknown tier", "define it under tiers"))
+
+
+def policy_files(target: Path) -> list[Path]:
+    """Return the policy files of a directory (sorted *.yaml, *.yml) or a file."""
+    if target.is_dir():
+        return sorted(p for p in target.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+    return [target]
+
+
+def load_texts(texts: list[tuple[str, str]]) -> Policy:
+    """Validate (path, text) pairs and return the merged Policy, or raise PolicyError."""
+    problems: list[PolicyProblem] = []
+    files = [_parse_file(path, text, problems) for path, text in texts]
+    policy = _merge(files, problems)
+    if problems:
+        raise PolicyError(problems)
+    return policy
+
+
+def load(paths: Iterable[Path]) -> Policy:
+    """Load policy files and directories; with none, load the bundled default."""
+    files: list[Path] = []
+    for target in paths:
+        files.extend(policy_files(Path(target)))
+    if not files:
+        files = [BUNDLED_DEFAULT]
+    texts: list[tuple[str, str]] = []
+    problems: list[PolicyProblem] = []
+    for path in files:
+        try:
+            texts.append((str(path), path.read_text()))
+        except OSError as exc:
+            problems.append(PolicyProblem(str(path), 1, "(file)", f"cannot be read: {exc.strerror}", "check the path and its permissions"))
+    if problems:
+        raise PolicyError(problems)
+    return load_texts(texts)
+
+
+def resolve_policy_paths(explicit: list[str] | None) -> list[Path]:
+    """Return the policy paths to load: the given ones, else the default directory."""
+    if explicit:
+        return [Path(p) for p in explicit]
+    env = os.environ.get("BROKER_POLICY_DIR")
+    directory = Path(env) if env else DEFAULT_POLICY_DIR
+    return [directory] if directory.is_dir() and policy_files(directory) else []
