@@ -517,10 +517,20 @@ def _parse_rates(reader: _Reader, node: yaml.Node, fld: str) -> ClassRates | Non
         ceil = reader.converted(items["ceil"][1], f"{fld}.ceil", units.parse_rate)
     if rate is None or ceil is None:
         return None
+    for key, value in (("rate", rate), ("ceil", ceil)):
+        if not units.RATE_MIN <= value <= units.RATE_MAX:
+            reader.problem(items.get(key, items["rate"])[1], f"{fld}.{key}", _rate_range_text(value), "write at least 1kbit and at most 2**64-1 bytes per second")
+            return None
     if rate > ceil:
         reader.problem(items["rate"][1], f"{fld}.rate", f"rate {units.format_rate(rate)} is above ceil {units.format_rate(ceil)}", "lower rate or raise ceil")
         return None
     return ClassRates(rate, ceil)
+
+
+def _rate_range_text(value: int) -> str:
+    if value < units.RATE_MIN:
+        return f"{units.format_rate(value)} is below the HTB minimum of {units.format_rate(units.RATE_MIN)}"
+    return f"{units.format_rate(value)} is above the kernel's 64-bit bytes/s limit"
 
 
 def _parse_interface(reader: _Reader, index: int, node: yaml.Node) -> InterfacePolicy | None:
@@ -542,15 +552,20 @@ def _parse_interface(reader: _Reader, index: int, node: yaml.Node) -> InterfaceP
     if "r2q" in items:
         r2q = reader.integer(items["r2q"][1], f"{fld}.r2q", 1, 100000) or 10
     tiers: list[tuple[str, ClassRates]] = []
+    tier_nodes: list[yaml.Node] = []
     if "tiers" in items:
         for tier_name, (_, rates_node) in (reader.mapping(items["tiers"][1], f"{fld}.tiers") or {}).items():
             rates = _parse_rates(reader, rates_node, f"{fld}.tiers.{tier_name}")
             if rates is not None:
                 tiers.append((tier_name, rates))
+                tier_nodes.append(rates_node)
+    if link is not None and not units.RATE_MIN <= link <= units.RATE_MAX:
+        reader.problem(items["link_rate"][1], f"{fld}.link_rate", _rate_range_text(link), "write at least 1kbit and at most 2**64-1 bytes per second")
+        link = None
     if name is None or link is None or default is None or user is None:
         return None
     for label, rates, rnode in [("default", default, items["default"][1]), ("user", user, items["user"][1])] + [
-        (f"tiers.{t}", r, items["tiers"][1]) for t, r in tiers
+        (f"tiers.{t}", r, node) for (t, r), node in zip(tiers, tier_nodes)
     ]:
         if rates.ceil > link:
             reader.problem(rnode, f"{fld}.{label}.ceil", f"ceil {units.format_rate(rates.ceil)} is above link_rate {units.format_rate(link)}", "lower ceil to at most link_rate")

@@ -52,6 +52,13 @@ _RATE_UNITS = {
     "tibps": 8 << 40,
 }
 
+# Rates an HTB class can take, in bit/s. The kernel keeps bytes/s in 64 bits
+# (TCA_HTB_RATE64 above 2**32 - 1 bytes/s). The floor keeps the time that
+# tc's default burst (about one MTU) lasts within the 32-bit buffer field,
+# which counts 64 ns ticks and overflows below about 47 bit/s.
+RATE_MIN = 1000
+RATE_MAX = (2**64 - 1) * 8
+
 # Units people write that tc would read differently from what they meant.
 _AMBIGUOUS_RATE_UNITS = {"", "k", "m", "g", "t", "kb", "mb", "gb", "tb", "b"}
 
