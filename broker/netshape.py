@@ -46,9 +46,10 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterable, Mapping, Protocol
+from typing import Any, Protocol, Self
 
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink import NLM_F_ECHO, NLM_F_REQUEST
@@ -76,13 +77,14 @@ QUANTUM_MAX = 200000
 ETH_HLEN = 14
 
 # HTB refills a class's tokens up to its burst only. With TSO/GSO a packet
-# can be gso_max_size bytes (64 KiB on most devices), and a burst smaller than
-# that loses tokens whenever the class waits, so it falls short of its rate
-# (measured on a veth: 15.7 of 20 mbit under contention with tc's default
-# burst of one MTU). The burst covers one such packet or 1 ms at the rate,
-# whichever is larger, but lasts at most BURST_TIME_MAX at the rate.
+# can be gso_max_size bytes (64 KiB on most devices). A burst smaller than
+# that loses tokens whenever the class waits, so the class falls short of its
+# rate: on a veth under contention, a 20 mbit ceil gave 15.7 mbit with tc's
+# default burst of one MTU, and 19.4 mbit with this one. The burst covers one
+# such packet or 1 ms at the rate, whichever is larger, but lasts at most
+# BURST_TIME_MAX at the rate.
 BURST_INTERVAL = 0.001  # seconds
-BURST_TIME_MAX = 10.0  # seconds; the buffer field holds 2**32 ticks of 64 ns
+BURST_TIME_MAX = 10.0  # seconds; the 32-bit buffer field counts ticks of 64 ns
 GSO_MAX_SIZE_DEFAULT = 65536
 PSCHED_TICK_NS = 64  # include/net/pkt_sched.h: PSCHED_SHIFT 6
 
@@ -148,14 +150,16 @@ class ClassTable:
 
     def sync(self, uids: Iterable[int]) -> None:
         """Release uids not in `uids`, then assign the new ones."""
-        wanted = set(uids)
-        for uid in [u for u in self._minor_of if u not in wanted]:
+        managed = set(uids)
+        for uid in [u for u in self._minor_of if u not in managed]:
             self.release(uid)
-        for uid in sorted(wanted - self._minor_of.keys()):
+        for uid in sorted(managed - self._minor_of.keys()):
             self.assign(uid)
 
     def assign(self, uid: int) -> int:
         """Return uid's class id, assigning a free minor on first use."""
+        if not 0 <= uid <= 0xFFFFFFFF:
+            raise ValueError(f"uid {uid} is outside 0..2**32-1")
         if uid in self._minor_of:
             return make_classid(self.major, self._minor_of[uid])
         if len(self._uid_of) >= self.span:
@@ -212,7 +216,7 @@ def kernel_rate(bits_per_second: int) -> int:
 
 @dataclass(frozen=True)
 class Link:
-    """What the class sizes depend on: the interface's index, MTU and GSO size."""
+    """Interface properties that class sizes depend on."""
 
     index: int
     mtu: int
@@ -232,8 +236,8 @@ def quantum_for(rate: int, r2q: int, mtu: int) -> int:
 def burst_for(rate: int, link: Link) -> int:
     """Return the HTB burst in bytes for a rate in bit/s (see BURST_INTERVAL)."""
     rate_bytes = rate // 8
-    wanted = max(link.mtu + ETH_HLEN, link.gso_max_size, int(rate_bytes * BURST_INTERVAL))
-    return max(1, min(wanted, int(rate_bytes * BURST_TIME_MAX)))
+    size = max(link.mtu + ETH_HLEN, link.gso_max_size, int(rate_bytes * BURST_INTERVAL))
+    return max(1, min(size, int(rate_bytes * BURST_TIME_MAX)))
 
 
 @dataclass(frozen=True)
@@ -252,8 +256,8 @@ class ClassSpec:
     tier: str | None = None  # warm tier whose rates are in force
 
     def describe(self, interface: str) -> str:
-        who = f" (uid {self.uid})" if self.uid is not None else f" ({self.role})"
-        return f"class {format_handle(self.classid)}{who} on {interface}"
+        owner = f" (uid {self.uid})" if self.uid is not None else f" ({self.role})"
+        return f"class {format_handle(self.classid)}{owner} on {interface}"
 
 
 def check_rates(policy: InterfacePolicy) -> None:
@@ -273,7 +277,9 @@ def check_rates(policy: InterfacePolicy) -> None:
                 )
 
 
-def user_rates(policy: InterfacePolicy, tier: str | None) -> tuple[ClassRates, str | None]:
+def user_rates(
+    policy: InterfacePolicy, tier: str | None
+) -> tuple[ClassRates, str | None]:
     """Return a user's rates and the tier they come from (None: idle rates)."""
     if tier is None:
         return policy.user, None
@@ -293,11 +299,15 @@ def desired_classes(
     """Return the classes the policy wants, keyed by class id, root first."""
     root = make_classid(major, ROOT_MINOR)
 
-    def spec(classid: int, parent: int, rates: ClassRates, role: str, **who: Any) -> ClassSpec:
+    def spec(
+        classid: int, parent: int, rates: ClassRates, role: str, **labels: Any
+    ) -> ClassSpec:
         rate, ceil = kernel_rate(rates.rate), kernel_rate(rates.ceil)
         quantum = quantum_for(rate, policy.r2q, link.mtu)
         burst, cburst = burst_for(rate, link), burst_for(ceil, link)
-        return ClassSpec(classid, parent, rate, ceil, quantum, burst, cburst, role, **who)
+        return ClassSpec(
+            classid, parent, rate, ceil, quantum, burst, cburst, role, **labels
+        )
 
     link_rates = ClassRates(policy.link_rate, policy.link_rate)
     specs = [
@@ -361,7 +371,9 @@ def class_differences(spec: ClassSpec, kernel: KernelClass) -> list[str]:
     """Return 'field expected -> found' for every field that differs."""
     out = []
     if spec.parent != kernel.parent:
-        out.append(f"parent {format_handle(spec.parent)} -> {format_handle(kernel.parent)}")
+        out.append(
+            f"parent {format_handle(spec.parent)} -> {format_handle(kernel.parent)}"
+        )
     for name in ("rate", "ceil"):
         want, have = getattr(spec, name), getattr(kernel, name)
         if want != have:
@@ -391,7 +403,9 @@ class ClassPlan:
     keep: tuple[int, ...]
 
 
-def plan_classes(desired: Mapping[int, ClassSpec], current: Mapping[int, KernelClass]) -> ClassPlan:
+def plan_classes(
+    desired: Mapping[int, ClassSpec], current: Mapping[int, KernelClass]
+) -> ClassPlan:
     """Compare desired classes with the kernel's and list the writes.
 
     A class under another parent cannot be moved (HTB has no such change), so
@@ -441,7 +455,7 @@ class ClassStats:
 
 @dataclass(frozen=True)
 class ApplyReport:
-    """What one apply() changed on one interface."""
+    """Changes that one apply() made on one interface."""
 
     interface: str
     qdisc: str  # "kept", "created" or "recreated"
@@ -466,13 +480,13 @@ class ApplyReport:
 _HINTS = {
     errno.EPERM: "run as root or with CAP_NET_ADMIN",
     errno.EACCES: "run as root or with CAP_NET_ADMIN",
-    errno.ENODEV: "the interface does not exist; check network.interfaces in the policy",
-    errno.ENOENT: "the object is gone or the kernel lacks sch_htb/cls_bpf; "
-    "check `tc qdisc show` and run apply again",
-    errno.EEXIST: "another program changed the tc tree meanwhile; run apply again",
+    errno.ENODEV: "check the interface name under network.interfaces in the policy",
+    errno.ENOENT: "check `tc qdisc show` and run apply again, "
+    "or load the sch_htb and cls_bpf modules",
+    errno.EEXIST: "another program changed the tc tree meanwhile, so run apply again",
     errno.EBUSY: "the class still has children or bound filters",
-    errno.EINVAL: "the kernel rejected the parameters; check the rates in the policy",
-    errno.EOPNOTSUPP: "the kernel lacks this tc feature (CONFIG_NET_SCH_HTB, CONFIG_NET_CLS_BPF)",
+    errno.EINVAL: "check the rates in the policy",
+    errno.EOPNOTSUPP: "the kernel needs CONFIG_NET_SCH_HTB and CONFIG_NET_CLS_BPF",
 }
 
 
@@ -480,6 +494,7 @@ def _error(operation: str, target: str, exc: NetlinkError) -> NetshapeError:
     """Translate a NetlinkError, keeping the kernel's extended ack text."""
     message = exc.args[1] if len(exc.args) > 1 else ""
     kernel_text = message if message and message != os.strerror(exc.code) else ""
+    kernel_text = f"kernel: {kernel_text}" if kernel_text else ""
     hint = "; ".join(t for t in (kernel_text, _HINTS.get(exc.code, "")) if t)
     return NetshapeError(operation, target, exc.code, hint)
 
@@ -504,7 +519,7 @@ class _Netlink:
 
     @staticmethod
     async def _open(netns: str | None) -> AsyncIPRoute:
-        # groups=0: no multicast subscriptions, so writes echo nothing back.
+        # groups=0: no multicast subscriptions, so only replies arrive.
         kwargs: dict[str, Any] = {"groups": 0, "ext_ack": True}
         if netns:
             kwargs["netns"] = netns
@@ -512,7 +527,14 @@ class _Netlink:
         await ipr.setup_endpoint()
         return ipr
 
-    def call(self, operation: str, target: str, func: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
+    def call(
+        self,
+        operation: str,
+        target: str,
+        func: Callable[..., Awaitable[Any]],
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
         """Run func(*args) on the netlink thread; collect an async iterator."""
 
         async def run() -> Any:
@@ -528,7 +550,9 @@ class _Netlink:
             raise _error(operation, target, exc) from exc
         except concurrent.futures.TimeoutError as exc:
             future.cancel()
-            raise NetshapeError(operation, target, errno.ETIMEDOUT, "netlink did not answer") from exc
+            raise NetshapeError(
+                operation, target, errno.ETIMEDOUT, "netlink did not answer"
+            ) from exc
         except OSError as exc:
             err = exc.errno or errno.EIO
             raise NetshapeError(operation, target, err, _HINTS.get(err, "")) from exc
@@ -548,16 +572,25 @@ class _Netlink:
         return self.call("list qdiscs of", target, self._ipr.get_qdiscs, index=ifindex)
 
     def classes(self, ifindex: int, target: str) -> list[Any]:
-        return self.call("list classes of", target, self._ipr.get_classes, index=ifindex)
+        return self.call(
+            "list classes of", target, self._ipr.get_classes, index=ifindex
+        )
 
     def filters(self, ifindex: int, parent: int, target: str) -> list[Any]:
-        return self.call("list filters of", target, self._ipr.get_filters, index=ifindex, parent=parent)
+        return self.call(
+            "list filters of",
+            target,
+            self._ipr.get_filters,
+            index=ifindex,
+            parent=parent,
+        )
 
     def get_class(self, ifindex: int, classid: int, target: str) -> Any | None:
         """Return one class's message, or None when it does not exist.
 
-        A non-dump RTM_GETTCLASS is answered only with NLM_F_ECHO
-        (tclass_notify() in net/sched/sch_api.c sends the reply as an echo).
+        The kernel replies to a non-dump RTM_GETTCLASS only when NLM_F_ECHO is
+        set, because tclass_notify() in net/sched/sch_api.c sends the reply as
+        an echo.
         """
         msg = tcmsg()
         msg["family"] = socket.AF_UNSPEC
@@ -565,7 +598,9 @@ class _Netlink:
         msg["handle"] = classid
         flags = NLM_F_REQUEST | NLM_F_ECHO
         try:
-            msgs = self.call("read back", target, self._ipr.nlm_request, msg, RTM_GETTCLASS, flags)
+            msgs = self.call(
+                "read back", target, self._ipr.nlm_request, msg, RTM_GETTCLASS, flags
+            )
         except NetshapeError as exc:
             if exc.errno == errno.ENOENT:
                 return None
@@ -595,7 +630,7 @@ def _kernel_class(msg: Any) -> KernelClass | None:
         return None
     options = msg.get_attr("TCA_OPTIONS")
     parms = options.get_attr("TCA_HTB_PARMS")
-    # The 32-bit field holds min(rate, 2**32 - 1); RATE64 is sent above that.
+    # The 32-bit field contains min(rate, 2**32 - 1), and RATE64 comes above that.
     rate = options.get_attr("TCA_HTB_RATE64") or parms["rate"]
     ceil = options.get_attr("TCA_HTB_CEIL64") or parms["ceil"]
     # buffer and cbuffer are times in psched ticks of 64 ns (PSCHED_SHIFT 6).
@@ -627,7 +662,9 @@ def _kernel_qdisc(msg: Any) -> KernelQdisc:
     init = options.get_attr("TCA_HTB_INIT") if options else None
     if init is None:
         return KernelQdisc(kind, msg["handle"], None, None, None)
-    return KernelQdisc(kind, msg["handle"], init["defcls"], init["rate2quantum"], init["direct_pkts"])
+    return KernelQdisc(
+        kind, msg["handle"], init["defcls"], init["rate2quantum"], init["direct_pkts"]
+    )
 
 
 def _kernel_filter(msg: Any) -> KernelFilter | None:
@@ -753,7 +790,9 @@ class Shaper:
     def set_policy(self, policy: InterfacePolicy) -> None:
         """Use a reloaded policy from the next apply() on."""
         if policy.name != self.policy.name:
-            raise ValueError(f"policy is for {policy.name}, this shaper shapes {self.policy.name}")
+            raise ValueError(
+                f"policy is for {policy.name}, this shaper shapes {self.policy.name}"
+            )
         check_rates(policy)
         with self._lock:
             self.policy = policy
@@ -770,10 +809,13 @@ class Shaper:
         with self._lock:
             started = time.perf_counter()
             writes_before = self._netlink.writes
+            self._classifier_ready()  # load BPF before touching the tc tree
             link = self._link = self._netlink.link(self.interface)
             ifindex = link.index
             self.table.sync(managed_uids)
-            desired = desired_classes(self.policy, self.table.assignments(), self._states, link, self.major)
+            desired = desired_classes(
+                self.policy, self.table.assignments(), self._states, link, self.major
+            )
             self._warn_if_oversubscribed(desired)
 
             qdisc = self._ensure_qdisc(ifindex)
@@ -810,18 +852,40 @@ class Shaper:
             # HTB has no qdisc change operation ("Change operation not supported").
             log.warning(
                 "%s: HTB default %s r2q %s differ from default %s r2q %s; recreating the tree",
-                self.interface, root.defcls, root.r2q, DEFAULT_MINOR, self.policy.r2q,
+                self.interface,
+                root.defcls,
+                root.r2q,
+                DEFAULT_MINOR,
+                self.policy.r2q,
             )
-            self._netlink.write("delete", target, "del", index=ifindex, handle=self.qdisc_handle, parent=TC_H_ROOT)
+            self._netlink.write(
+                "delete",
+                target,
+                "del",
+                index=ifindex,
+                handle=self.qdisc_handle,
+                parent=TC_H_ROOT,
+            )
             self._filter_attached = False
             outcome = "recreated"
         else:
             if root is not None and root.handle != 0:
-                log.warning("%s: replacing root qdisc %s %s", self.interface, root.kind, format_handle(root.handle))
+                log.warning(
+                    "%s: replacing root qdisc %s %s",
+                    self.interface,
+                    root.kind,
+                    format_handle(root.handle),
+                )
             outcome = "created"
         self._netlink.write(
-            "create", target, "replace", "htb", ifindex,
-            handle=self.qdisc_handle, default=DEFAULT_MINOR, r2q=self.policy.r2q,
+            "create",
+            target,
+            "replace",
+            "htb",
+            ifindex,
+            handle=self.qdisc_handle,
+            default=DEFAULT_MINOR,
+            r2q=self.policy.r2q,
         )
         self._verify_qdisc(ifindex, target)
         self._filter_attached = False
@@ -835,10 +899,17 @@ class Shaper:
 
     def _verify_qdisc(self, ifindex: int, target: str) -> None:
         root = self._root_qdisc(ifindex)
-        found = None if root is None else (root.kind, root.handle, root.defcls, root.r2q)
-        wanted = ("htb", self.qdisc_handle, DEFAULT_MINOR, self.policy.r2q)
-        if found != wanted:
-            raise NetshapeError("read back", target, errno.EIO, f"kernel reports {found}, expected {wanted}")
+        found = (
+            None if root is None else (root.kind, root.handle, root.defcls, root.r2q)
+        )
+        expected = ("htb", self.qdisc_handle, DEFAULT_MINOR, self.policy.r2q)
+        if found != expected:
+            raise NetshapeError(
+                "read back",
+                target,
+                errno.EIO,
+                f"kernel reports {found}, expected {expected}",
+            )
 
     def _our_classes(self, ifindex: int) -> dict[int, KernelClass]:
         out = {}
@@ -865,38 +936,69 @@ class Shaper:
         target = spec.describe(self.interface)
         parent = self.qdisc_handle if spec.parent == TC_H_ROOT else spec.parent
         self._netlink.write(
-            "add" if command == "add-class" else "change", target, command, "htb", ifindex,
-            handle=spec.classid, parent=parent,
-            rate=spec.rate // 8, ceil=spec.ceil // 8, quantum=spec.quantum, prio=0,
-            burst=spec.burst, cburst=spec.cburst,
+            "add" if command == "add-class" else "change",
+            target,
+            command,
+            "htb",
+            ifindex,
+            handle=spec.classid,
+            parent=parent,
+            rate=spec.rate // 8,
+            ceil=spec.ceil // 8,
+            quantum=spec.quantum,
+            prio=0,
+            burst=spec.burst,
+            cburst=spec.cburst,
         )
         self._read_back(ifindex, spec, target)
-        log.debug("%s: %s rate %s ceil %s quantum %s", target, command,
-                  units.format_rate(spec.rate), units.format_rate(spec.ceil), spec.quantum)
+        log.debug(
+            "%s: %s rate %s ceil %s quantum %s",
+            target,
+            command,
+            units.format_rate(spec.rate),
+            units.format_rate(spec.ceil),
+            spec.quantum,
+        )
 
     def _read_back(self, ifindex: int, spec: ClassSpec, target: str) -> KernelClass:
         msg = self._netlink.get_class(ifindex, spec.classid, target)
         found = None if msg is None else _kernel_class(msg)
         if found is None:
-            raise NetshapeError("read back", target, errno.ENOENT, "the class is missing after the write")
+            raise NetshapeError(
+                "read back",
+                target,
+                errno.ENOENT,
+                "the class is missing after the write",
+            )
         differences = class_differences(spec, found)
         if differences:
             raise NetshapeError(
-                "read back", target, errno.EIO,
+                "read back",
+                target,
+                errno.EIO,
                 "kernel differs from what was written: " + ", ".join(differences),
             )
         return found
 
-    def _delete_classes(self, ifindex: int, stale: Iterable[KernelClass], counts: _Counts) -> None:
+    def _delete_classes(
+        self, ifindex: int, stale: Iterable[KernelClass], counts: _Counts
+    ) -> None:
         for old in stale:
             if old.classid not in counts.deleted:
                 self._delete_class(ifindex, old, counts)
 
     def _delete_class(self, ifindex: int, old: KernelClass, counts: _Counts) -> None:
         target = f"class {format_handle(old.classid)} on {self.interface}"
-        self._netlink.write("delete", target, "del-class", index=ifindex, handle=old.classid)
+        self._netlink.write(
+            "delete", target, "del-class", index=ifindex, handle=old.classid
+        )
         if self._netlink.get_class(ifindex, old.classid, target) is not None:
-            raise NetshapeError("read back", target, errno.EIO, "the class still exists after the delete")
+            raise NetshapeError(
+                "read back",
+                target,
+                errno.EIO,
+                "the class still exists after the delete",
+            )
         counts.deleted.append(old.classid)
         log.debug("%s: deleted", target)
 
@@ -910,10 +1012,10 @@ class Shaper:
     def _drop_stale_map_entries(self) -> int:
         """Delete map entries of uids no longer managed or with a new class."""
         classifier = self._classifier_ready()
-        wanted = self.table.assignments()
+        expected = self.table.assignments()
         writes = 0
         for uid, classid in classifier.entries().items():
-            if wanted.get(uid) != classid:
+            if expected.get(uid) != classid:
                 classifier.delete(uid)
                 writes += 1
         return writes
@@ -931,7 +1033,9 @@ class Shaper:
             found = classifier.lookup(uid)
             if found != classid:
                 raise NetshapeError(
-                    "read back", f"{MAP_NAME}[{uid}] for {self.interface}", errno.EIO,
+                    "read back",
+                    f"{MAP_NAME}[{uid}] for {self.interface}",
+                    errno.EIO,
                     f"map holds {found}, expected {format_handle(classid)}",
                 )
         return writes
@@ -943,14 +1047,28 @@ class Shaper:
         classifier = self._classifier_ready()
         target = f"bpf filter {FILTER_NAME} on {self.interface}"
         self._netlink.write(
-            "attach", target, "replace-filter", "bpf", ifindex,
-            handle=FILTER_HANDLE, parent=self.qdisc_handle, prio=FILTER_PRIO,
-            protocol=ETH_P_ALL, fd=classifier.prog_fd, name=FILTER_NAME,
-            direct_action=True, classid=self.qdisc_handle,
+            "attach",
+            target,
+            "replace-filter",
+            "bpf",
+            ifindex,
+            handle=FILTER_HANDLE,
+            parent=self.qdisc_handle,
+            prio=FILTER_PRIO,
+            protocol=ETH_P_ALL,
+            fd=classifier.prog_fd,
+            name=FILTER_NAME,
+            direct_action=True,
+            classid=self.qdisc_handle,
         )
         found = self._find_filter(ifindex)
         if found is None:
-            raise NetshapeError("read back", target, errno.ENOENT, "the filter is missing after the write")
+            raise NetshapeError(
+                "read back",
+                target,
+                errno.ENOENT,
+                "the filter is missing after the write",
+            )
         self._filter_attached = True
         log.info("%s: attached BPF classifier %s", self.interface, PROGRAM_NAME)
         return True
@@ -988,7 +1106,12 @@ class Shaper:
                 self._states[uid] = tier
             classid = self.table.classid(uid)
             if classid is None or self._link is None:
-                log.debug("%s: uid %s has no class yet; state %s kept", self.interface, uid, tier)
+                log.debug(
+                    "%s: uid %s has no class yet; state %s kept",
+                    self.interface,
+                    uid,
+                    tier,
+                )
                 return False
             return self._update_user_class(uid, classid, tier)
 
@@ -996,17 +1119,29 @@ class Shaper:
         link = self._link
         assert link is not None  # set_user_state() checked it
         ifindex = link.index
-        spec = desired_classes(self.policy, {uid: classid}, self._states, link, self.major)[classid]
+        spec = desired_classes(
+            self.policy, {uid: classid}, self._states, link, self.major
+        )[classid]
         target = spec.describe(self.interface)
         msg = self._netlink.get_class(ifindex, classid, target)
         found = None if msg is None else _kernel_class(msg)
         if found is not None and not class_differences(spec, found):
             return False
-        self._write_class(ifindex, spec, "add-class" if found is None else "change-class")
-        old = "missing" if found is None else f"rate {units.format_rate(found.rate)} ceil {units.format_rate(found.ceil)}"
+        self._write_class(
+            ifindex, spec, "add-class" if found is None else "change-class"
+        )
+        old = (
+            "missing"
+            if found is None
+            else f"rate {units.format_rate(found.rate)} ceil {units.format_rate(found.ceil)}"
+        )
         log.info(
-            "%s: %s -> rate %s ceil %s (%s)", target, old, units.format_rate(spec.rate),
-            units.format_rate(spec.ceil), f"warm tier {tier}" if spec.tier else "idle",
+            "%s: %s -> rate %s ceil %s (%s)",
+            target,
+            old,
+            units.format_rate(spec.rate),
+            units.format_rate(spec.ceil),
+            f"warm tier {tier}" if spec.tier else "idle",
         )
         return True
 
@@ -1024,11 +1159,27 @@ class Shaper:
     def _stats_row(self, found: KernelClass) -> ClassStats:
         minor = found.classid & 0xFFFF
         uid = self.table.uid_of(found.classid)
-        role = {ROOT_MINOR: "root", DEFAULT_MINOR: "default"}.get(minor, "user" if uid is not None else "unknown")
-        _, tier = user_rates(self.policy, self._states.get(uid)) if uid is not None else (None, None)
+        role = {ROOT_MINOR: "root", DEFAULT_MINOR: "default"}.get(
+            minor, "user" if uid is not None else "unknown"
+        )
+        _, tier = (
+            user_rates(self.policy, self._states.get(uid))
+            if uid is not None
+            else (None, None)
+        )
         return ClassStats(
-            self.interface, found.classid, role, uid, tier, found.rate, found.ceil,
-            found.bytes, found.packets, found.drops, found.overlimits, found.backlog,
+            self.interface,
+            found.classid,
+            role,
+            uid,
+            tier,
+            found.rate,
+            found.ceil,
+            found.bytes,
+            found.packets,
+            found.drops,
+            found.overlimits,
+            found.backlog,
         )
 
     def direct_packets(self) -> int | None:
@@ -1052,13 +1203,31 @@ class Shaper:
                     log.info("%s: interface is gone; nothing to remove", self.interface)
                     return
                 raise
-            target = f"root qdisc {format_handle(self.qdisc_handle)} on {self.interface}"
+            target = (
+                f"root qdisc {format_handle(self.qdisc_handle)} on {self.interface}"
+            )
             root = self._root_qdisc(ifindex)
-            if root is not None and root.kind == "htb" and root.handle == self.qdisc_handle:
-                self._netlink.write("delete", target, "del", index=ifindex, handle=self.qdisc_handle, parent=TC_H_ROOT)
+            if (
+                root is not None
+                and root.kind == "htb"
+                and root.handle == self.qdisc_handle
+            ):
+                self._netlink.write(
+                    "delete",
+                    target,
+                    "del",
+                    index=ifindex,
+                    handle=self.qdisc_handle,
+                    parent=TC_H_ROOT,
+                )
                 root = self._root_qdisc(ifindex)
                 if root is not None and root.handle == self.qdisc_handle:
-                    raise NetshapeError("read back", target, errno.EIO, "the qdisc still exists after the delete")
+                    raise NetshapeError(
+                        "read back",
+                        target,
+                        errno.EIO,
+                        "the qdisc still exists after the delete",
+                    )
                 log.info("%s: removed HTB tree and classifier", self.interface)
             self._clear_map()
             self.table.sync(())
@@ -1078,7 +1247,7 @@ class Shaper:
                 self._classifier.close()
                 self._classifier = None
 
-    def __enter__(self) -> "Shaper":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -1092,7 +1261,9 @@ class Shaper:
             log.warning(
                 "%s: guaranteed rates add up to %s, above the link rate %s; "
                 "HTB cannot honour every guarantee at once",
-                self.interface, units.format_rate(guaranteed), units.format_rate(self.policy.link_rate),
+                self.interface,
+                units.format_rate(guaranteed),
+                units.format_rate(self.policy.link_rate),
             )
             self._warned_oversubscribed = True
 
@@ -1103,7 +1274,13 @@ class Shaper:
         log.info(
             "%s: qdisc %s, %d class(es) added, %d changed, %d deleted, %d unchanged, "
             "%d map write(s), filter %s, %.3f s",
-            self.interface, report.qdisc, len(report.added), len(report.changed),
-            len(report.deleted), report.unchanged, report.map_writes, report.filter,
+            self.interface,
+            report.qdisc,
+            len(report.added),
+            len(report.changed),
+            len(report.deleted),
+            report.unchanged,
+            report.map_writes,
+            report.filter,
             report.seconds,
         )

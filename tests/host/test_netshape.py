@@ -21,9 +21,9 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -61,7 +61,7 @@ _serial = itertools.count(1)
 
 @dataclass(frozen=True)
 class NetPair:
-    """Namespace `shaped` holds `dev`; its peer in `peer_ns` has `peer_addr`."""
+    """Namespace `shaped` contains `dev`, whose peer in `peer_ns` has `peer_addr`."""
 
     shaped: str
     peer_ns: str
@@ -71,7 +71,7 @@ class NetPair:
 
 
 def run(*args: str, check: bool = True) -> str:
-    done = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(args, check=False, capture_output=True, text=True, timeout=60)
     if check and done.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed: {done.stderr.strip()}")
     return done.stdout
@@ -82,17 +82,47 @@ def pair() -> Iterator[NetPair]:
     serial = next(_serial)
     tag = f"{os.getpid() % 100000}x{serial}"
     net = NetPair(
-        f"bnsA{tag}", f"bnsB{tag}", f"bsh{tag}"[:15],
-        f"10.251.{serial % 250}.1", f"10.251.{serial % 250}.2",
+        f"bnsA{tag}",
+        f"bnsB{tag}",
+        f"bsh{tag}"[:15],
+        f"10.251.{serial % 250}.1",
+        f"10.251.{serial % 250}.2",
     )
     try:
         run("ip", "netns", "add", net.shaped)
         run("ip", "netns", "add", net.peer_ns)
-        run("ip", "-n", net.shaped, "link", "add", net.dev, "type", "veth",
-            "peer", "name", "peer0", "netns", net.peer_ns)
+        run(
+            "ip",
+            "-n",
+            net.shaped,
+            "link",
+            "add",
+            net.dev,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "peer0",
+            "netns",
+            net.peer_ns,
+        )
         run("ip", "-n", net.shaped, "addr", "add", f"{net.addr}/24", "dev", net.dev)
-        run("ip", "-n", net.peer_ns, "addr", "add", f"{net.peer_addr}/24", "dev", "peer0")
-        for ns, dev in ((net.shaped, net.dev), (net.peer_ns, "peer0"), (net.shaped, "lo"), (net.peer_ns, "lo")):
+        run(
+            "ip",
+            "-n",
+            net.peer_ns,
+            "addr",
+            "add",
+            f"{net.peer_addr}/24",
+            "dev",
+            "peer0",
+        )
+        for ns, dev in (
+            (net.shaped, net.dev),
+            (net.peer_ns, "peer0"),
+            (net.shaped, "lo"),
+            (net.peer_ns, "lo"),
+        ):
             run("ip", "-n", ns, "link", "set", dev, "up")
         yield net
     finally:
@@ -110,11 +140,15 @@ def shapers() -> Iterator[list[Shaper]]:
         shaper.close()
 
 
+IDLE = ClassRates(5 * MBIT, 20 * MBIT)
+UNMANAGED = ClassRates(10 * MBIT, 1000 * MBIT)
+
+
 def iface_policy(
     dev: str,
     link: int = 1000 * MBIT,
-    user: ClassRates = ClassRates(5 * MBIT, 20 * MBIT),
-    default: ClassRates = ClassRates(10 * MBIT, 1000 * MBIT),
+    user: ClassRates = IDLE,
+    default: ClassRates = UNMANAGED,
     tiers: tuple[tuple[str, ClassRates], ...] = (),
     r2q: int = 10,
 ) -> InterfacePolicy:
@@ -136,7 +170,9 @@ def classes(net: NetPair) -> dict[str, TcClass]:
 
 
 def htb_root(net: NetPair) -> dict[str, str]:
-    roots = [q for q in parse_qdiscs(tc(net, "-s", "qdisc", "show")) if q.parent == "root"]
+    roots = [
+        q for q in parse_qdiscs(tc(net, "-s", "qdisc", "show")) if q.parent == "root"
+    ]
     assert len(roots) == 1, f"expected one root qdisc, found {roots}"
     assert roots[0].kind == "htb", f"root qdisc is {roots[0].kind}"
     return roots[0].fields
@@ -221,21 +257,49 @@ class Flow:
         return self.bytes * 8 / self.seconds if self.seconds else 0.0
 
 
-def transfer(net: NetPair, flows: list[tuple[int, float, int]], port: int = 5201) -> dict[int, Flow]:
+def transfer(
+    net: NetPair, flows: list[tuple[int, float, int]], port: int = 5201
+) -> dict[int, Flow]:
     """Run one sender per (uid, seconds, byte limit) at once; return flows by uid."""
     receiver = subprocess.Popen(
-        ["ip", "netns", "exec", net.peer_ns, sys.executable, "-c", RECEIVER,
-         net.peer_addr, str(port), str(len(flows))],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            "ip",
+            "netns",
+            "exec",
+            net.peer_ns,
+            sys.executable,
+            "-c",
+            RECEIVER,
+            net.peer_addr,
+            str(port),
+            str(len(flows)),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert receiver.stdout is not None
         assert receiver.stdout.readline().strip() == "ready"
         senders = [
             subprocess.Popen(
-                ["ip", "netns", "exec", net.shaped, sys.executable, "-c", SENDER,
-                 str(uid), net.peer_addr, str(port), str(seconds), str(limit)],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    net.shaped,
+                    sys.executable,
+                    "-c",
+                    SENDER,
+                    str(uid),
+                    net.peer_addr,
+                    str(port),
+                    str(seconds),
+                    str(limit),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
             )
             for uid, seconds, limit in flows
         ]
@@ -289,7 +353,10 @@ def test_classifier_map_matches_classes(pair: NetPair, shapers: list[Shaper]) ->
 
     entries = classifier_map(pair)
 
-    assert entries == {USER_A: 0x10000 | (0x10 + USER_A % SPAN), USER_B: 0x10000 | (0x10 + USER_B % SPAN)}
+    assert entries == {
+        USER_A: 0x10000 | (0x10 + USER_A % SPAN),
+        USER_B: 0x10000 | (0x10 + USER_B % SPAN),
+    }
     found = classes(pair)
     for uid in (USER_A, USER_B):
         assert found[home_handle(uid)].parent == "1:1"
@@ -367,7 +434,10 @@ def test_rate_change_in_place(pair: NetPair, shapers: list[Shaper]) -> None:
     assert len(report.changed) == 2
     assert report.added == ()
     for uid in (USER_A, USER_B):
-        assert (found[home_handle(uid)].rate, found[home_handle(uid)].ceil) == (8 * MBIT, 30 * MBIT)
+        assert (found[home_handle(uid)].rate, found[home_handle(uid)].ceil) == (
+            8 * MBIT,
+            30 * MBIT,
+        )
 
 
 def test_removed_user_class_deleted(pair: NetPair, shapers: list[Shaper]) -> None:
@@ -440,8 +510,25 @@ def test_default_class_exists(pair: NetPair, shapers: list[Shaper]) -> None:
 
 
 def test_foreign_root_qdisc_replaced(pair: NetPair, shapers: list[Shaper]) -> None:
-    run("tc", "-n", pair.shaped, "qdisc", "add", "dev", pair.dev, "root", "handle", "5:",
-        "tbf", "rate", "1mbit", "burst", "10kb", "latency", "50ms")
+    run(
+        "tc",
+        "-n",
+        pair.shaped,
+        "qdisc",
+        "add",
+        "dev",
+        pair.dev,
+        "root",
+        "handle",
+        "5:",
+        "tbf",
+        "rate",
+        "1mbit",
+        "burst",
+        "10kb",
+        "latency",
+        "50ms",
+    )
     shaper = new_shaper(shapers, pair, iface_policy(pair.dev))
 
     report = shaper.apply([USER_A])
