@@ -764,6 +764,7 @@ class _FileParts:
     users: list[UserPolicy] = field(default_factory=list)
     interfaces: list[tuple[InterfacePolicy, str]] = field(default_factory=list)
     forecast: tuple[ForecastPolicy, str] | None = None
+    broken_tiers: set[str] = field(default_factory=set)
 
 
 def _compose(path: str, text: str, problems: list[PolicyProblem]) -> yaml.Node | None:
@@ -809,6 +810,8 @@ def _parse_file(path: str, text: str, problems: list[PolicyProblem]) -> _FilePar
             tier = _parse_tier(reader, name, tier_node)
             if tier is not None:
                 parts.tiers.append((tier, reader.where(key_node)))
+            else:
+                parts.broken_tiers.add(name)
     if "users" in items:
         users_node = items["users"][1]
         if not isinstance(users_node, yaml.SequenceNode):
@@ -896,7 +899,9 @@ def _merge(files: list[_FileParts], problems: list[PolicyProblem]) -> Policy:
                 forecast = parts.forecast
         users.extend(parts.users)
 
-    _check_references(tiers, users, interfaces, problems)
+    broken = set().union(*(p.broken_tiers for p in files)) if files else set()
+    _check_references(tiers, broken, users, interfaces, problems)
+    _name_users_of_tiers(users, problems)
     return Policy(
         tiers=tuple(t for t, _ in tiers.values()),
         users=tuple(users),
@@ -906,11 +911,24 @@ def _merge(files: list[_FileParts], problems: list[PolicyProblem]) -> Policy:
     )
 
 
-def _check_references(tiers, users, interfaces, problems) -> None:
+def _name_users_of_tiers(
+    users: list[UserPolicy], problems: list[PolicyProblem]
+) -> None:
+    """Add to each tier problem which users the broken tier would have served."""
+    for problem in problems:
+        if not problem.field.startswith("tiers."):
+            continue
+        tier_name = problem.field.split(".")[1]
+        who = [u.match.describe() for u in users if tier_name in dict(u.pool)]
+        if who:
+            problem.problem += f" (tier {tier_name} of {', '.join(who)})"
+
+
+def _check_references(tiers, broken, users, interfaces, problems) -> None:
     seen: dict[UserMatch, str] = {}
     for user in users:
         for tier_name, _ in user.pool:
-            if tier_name not in tiers:
+            if tier_name not in tiers and tier_name not in broken:
                 known = ", ".join(sorted(tiers)) or "none defined"
                 problems.append(
                     _problem_at(
