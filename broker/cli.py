@@ -219,6 +219,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
         return 0
+    if args.prometheus:
+        from broker import metrics
+
+        print(metrics.render(status), end="")
+        return 0
     print(format_status(status))
     return 0
 

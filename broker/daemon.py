@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from broker import features as features_mod
+from broker import metrics
 from broker import policy as policy_mod
 from broker import state as state_mod
 from broker.cgroups import CgroupFS, join, parent_of
@@ -280,7 +281,11 @@ class Daemon:
                 self.state_dir, list(self.trigger.placements.values())
             )
             self._dirty = False
-        state_mod.save_status(self.state_dir, self.status())
+        status = self.status()
+        state_mod.save_status(self.state_dir, status)
+        state_mod.write_atomic(
+            self.state_dir / state_mod.METRICS_FILE, metrics.render(status), 0o644
+        )
         self.notifier.status(self.status_line())
 
     def status_line(self) -> str:

@@ -8,7 +8,9 @@ from broker.cgroups import (
     parse_proc_stat,
 )
 
-STAT_SLEEP = "1234 (sleep) S 1 1234 1234 0 -1 4194560 100 0 0 0 0 0 0 0 20 0 1 0 5 1 1 0"
+STAT_SLEEP = (
+    "1234 (sleep) S 1 1234 1234 0 -1 4194560 100 0 0 0 0 0 0 0 20 0 1 0 5 1 1 0"
+)
 STAT_ODD_NAME = "77 (a) b (c) Z 1 77 77 0 -1 4194564 0 0 0 0 0 0 0 0 20 0 1 0 5 0 0 0"
 STAT_KTHREADD = "2 (kthreadd) S 0 0 0 0 -1 2129984 0 0 0 0 0 0 0 0 20 0 1 0 2 0 0 0"
 
@@ -48,7 +50,10 @@ def test_proc_cgroup_v1_only():
 
 
 def test_flat_keyed_events():
-    assert parse_flat_keyed("populated 1\nfrozen 0\n") == {"populated": "1", "frozen": "0"}
+    assert parse_flat_keyed("populated 1\nfrozen 0\n") == {
+        "populated": "1",
+        "frozen": "0",
+    }
 
 
 def test_same_value_cpu_max_spacing():

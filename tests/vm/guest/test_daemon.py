@@ -149,7 +149,7 @@ def test_idle_servers_return_home(servers):
     for name in ("alice", "bob"):
         server = servers[name]
         wait_until(
-            lambda: cgroup_of(server.pid) == server.home,
+            lambda server=server: cgroup_of(server.pid) == server.home,
             IDLE_TIMEOUT + 15,
             f"{name}'s server back home",
         )
