@@ -207,16 +207,16 @@ class Policy:
                 members.setdefault(member, set()).add(group.gr_name)
         accounts: dict[int, tuple[str | None, frozenset[str]]] = {}
         for entry in pwd.getpwall():
-            groups = set(members.get(entry.pw_name, ()))
+            names = set(members.get(entry.pw_name, ()))
             if entry.pw_gid in gid_names:
-                groups.add(gid_names[entry.pw_gid])
-            accounts.setdefault(entry.pw_uid, (entry.pw_name, frozenset(groups)))
+                names.add(gid_names[entry.pw_gid])
+            accounts.setdefault(entry.pw_uid, (entry.pw_name, frozenset(names)))
         for user in self.users:
             if user.match.uid is not None:
                 accounts.setdefault(user.match.uid, (None, frozenset()))
         out = {}
-        for uid, (name, groups) in accounts.items():
-            best = self._best_entry(uid, name, groups)
+        for uid, (name, group_names) in accounts.items():
+            best = self._best_entry(uid, name, group_names)
             if best is not None:
                 out[uid] = best
         return out
