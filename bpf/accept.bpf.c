@@ -99,13 +99,16 @@ struct {
 	__type(value, __u32);
 } socket_owner SEC(".maps");
 
-static __always_inline void count_drop(void)
+static __always_inline void count_drop(__u32 uid)
 {
 	__u32 zero = 0;
 	__u64 *drops = bpf_map_lookup_elem(&ringbuf_drops, &zero);
+	struct uid_counters *counters = bpf_map_lookup_elem(&uid_stats, &uid);
 
 	if (drops)
 		*drops += 1;
+	if (counters)
+		__sync_fetch_and_add(&counters->drops, 1);
 }
 
 static __always_inline void count_accept(__u32 uid)
@@ -156,7 +159,7 @@ static __always_inline int on_accept_exit(struct syscall_exit_ctx *ctx)
 
 	event = bpf_ringbuf_reserve(&events, sizeof(*event), 0);
 	if (!event) {
-		count_drop();
+		count_drop(uid);
 		return 0;
 	}
 	event->ts_ns = bpf_ktime_get_ns();

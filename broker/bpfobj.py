@@ -40,7 +40,12 @@ RING_BUFFER_SAMPLE_FN = ctypes.CFUNCTYPE(
 
 def _declare(lib: ctypes.CDLL) -> None:
     """Declare the argument and return types of the libbpf calls used here."""
-    ptr, cint, uint, size = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint, ctypes.c_size_t
+    ptr, cint, uint, size = (
+        ctypes.c_void_p,
+        ctypes.c_int,
+        ctypes.c_uint,
+        ctypes.c_size_t,
+    )
     signatures = {
         "bpf_object__open_file": (ptr, [ctypes.c_char_p, ptr]),
         "bpf_object__load": (cint, [ptr]),
@@ -81,7 +86,9 @@ def libbpf() -> ctypes.CDLL:
             _lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
         except OSError as exc:
             raise BpfError(
-                "load", "libbpf.so.1", errno.ENOENT,
+                "load",
+                "libbpf.so.1",
+                errno.ENOENT,
                 "install the libbpf1 package (Debian, Ubuntu)",
             ) from exc
         _declare(_lib)
@@ -110,7 +117,9 @@ def object_path(name: str) -> Path:
     path = directory / f"{name}.bpf.o"
     if not path.is_file():
         raise BpfError(
-            "find", str(path), errno.ENOENT,
+            "find",
+            str(path),
+            errno.ENOENT,
             "build the BPF objects with `make bpf` (needs clang and libbpf-dev)",
         )
     return path
@@ -167,7 +176,9 @@ class BpfMap:
 
     def _check_sizes(self, key: bytes, value: bytes | None = None) -> None:
         if len(key) != self.key_size:
-            raise ValueError(f"map {self.name}: key is {len(key)} bytes, expected {self.key_size}")
+            raise ValueError(
+                f"map {self.name}: key is {len(key)} bytes, expected {self.key_size}"
+            )
         if value is not None and len(value) != self.value_size:
             raise ValueError(
                 f"map {self.name}: value is {len(value)} bytes, expected {self.value_size}"
@@ -200,10 +211,14 @@ class RingBuffer:
 
     def consume(self) -> int:
         """Run the callback for every record available now; return how many."""
-        return _check(libbpf().ring_buffer__consume(self._pointer), "consume", self.name)
+        return _check(
+            libbpf().ring_buffer__consume(self._pointer), "consume", self.name
+        )
 
     def poll(self, timeout_ms: int) -> int:
-        return _check(libbpf().ring_buffer__poll(self._pointer, timeout_ms), "poll", self.name)
+        return _check(
+            libbpf().ring_buffer__poll(self._pointer, timeout_ms), "poll", self.name
+        )
 
     def free(self) -> None:
         if self._pointer:
@@ -220,18 +235,26 @@ class BpfObject:
         self._links: list[tuple[str, int]] = []
 
     @classmethod
-    def open(cls, path: Path | str, max_entries: dict[str, int] | None = None) -> "BpfObject":
+    def open(
+        cls, path: Path | str, max_entries: dict[str, int] | None = None
+    ) -> "BpfObject":
         """Open and load an object; max_entries resizes maps before the load."""
         path = Path(path)
         lib = libbpf()
         pointer = _check_pointer(
-            lib.bpf_object__open_file(str(path).encode(), None), "open BPF object", str(path)
+            lib.bpf_object__open_file(str(path).encode(), None),
+            "open BPF object",
+            str(path),
         )
         obj = cls(pointer, path)
         try:
             for name, entries in (max_entries or {}).items():
                 map_pointer = obj._map_pointer(name)
-                _check(lib.bpf_map__set_max_entries(map_pointer, entries), "resize map", name)
+                _check(
+                    lib.bpf_map__set_max_entries(map_pointer, entries),
+                    "resize map",
+                    name,
+                )
             _check(lib.bpf_object__load(pointer), "load BPF object", str(path))
         except BaseException:
             obj.close()
@@ -246,7 +269,9 @@ class BpfObject:
         return pointer
 
     def _program_pointer(self, name: str) -> int:
-        pointer = libbpf().bpf_object__find_program_by_name(self._pointer, name.encode())
+        pointer = libbpf().bpf_object__find_program_by_name(
+            self._pointer, name.encode()
+        )
         if not pointer:
             raise BpfError("find program", f"{name} in {self.path}", errno.ENOENT)
         return pointer
@@ -255,7 +280,9 @@ class BpfObject:
         return BpfMap(self._map_pointer(name), name)
 
     def program_fd(self, name: str) -> int:
-        return _check(libbpf().bpf_program__fd(self._program_pointer(name)), "get fd of", name)
+        return _check(
+            libbpf().bpf_program__fd(self._program_pointer(name)), "get fd of", name
+        )
 
     def attach(self, name: str) -> None:
         """Attach a program where its SEC() name says (tracepoints, for example)."""
@@ -268,7 +295,9 @@ class BpfObject:
             name, link = self._links.pop()
             ret = libbpf().bpf_link__destroy(link)
             if ret < 0:
-                log.warning("detaching BPF program %s failed: %s", name, os.strerror(-ret))
+                log.warning(
+                    "detaching BPF program %s failed: %s", name, os.strerror(-ret)
+                )
 
     def close(self) -> None:
         """Detach every link and free the object; safe to call twice."""

@@ -195,6 +195,35 @@ class Policy:
     def user_policy_for(self, uid: int) -> UserPolicy | None:
         """Return the most specific entry that matches uid, or None."""
         name, groups = _account(uid)
+        return self._best_entry(uid, name, groups)
+
+    def managed_users(self) -> dict[int, UserPolicy]:
+        """Resolve every account in the passwd database (and explicit uids) to its entry."""
+        members: dict[str, set[str]] = {}
+        gid_names: dict[int, str] = {}
+        for group in grp.getgrall():
+            gid_names[group.gr_gid] = group.gr_name
+            for member in group.gr_mem:
+                members.setdefault(member, set()).add(group.gr_name)
+        accounts: dict[int, tuple[str | None, frozenset[str]]] = {}
+        for entry in pwd.getpwall():
+            names = set(members.get(entry.pw_name, ()))
+            if entry.pw_gid in gid_names:
+                names.add(gid_names[entry.pw_gid])
+            accounts.setdefault(entry.pw_uid, (entry.pw_name, frozenset(names)))
+        for user in self.users:
+            if user.match.uid is not None:
+                accounts.setdefault(user.match.uid, (None, frozenset()))
+        out = {}
+        for uid, (name, group_names) in accounts.items():
+            best = self._best_entry(uid, name, group_names)
+            if best is not None:
+                out[uid] = best
+        return out
+
+    def _best_entry(
+        self, uid: int, name: str | None, groups: frozenset[str]
+    ) -> UserPolicy | None:
         best: UserPolicy | None = None
         for entry in self.users:
             if not entry.match.matches(uid, name, groups):
@@ -246,7 +275,9 @@ class _Reader:
     def where(self, node: yaml.Node) -> str:
         return f"{self.path}:{node.start_mark.line + 1}"
 
-    def mapping(self, node: yaml.Node, fld: str) -> dict[str, tuple[yaml.Node, yaml.Node]] | None:
+    def mapping(
+        self, node: yaml.Node, fld: str
+    ) -> dict[str, tuple[yaml.Node, yaml.Node]] | None:
         """Return {key: (key node, value node)}, reporting duplicate keys."""
         if not isinstance(node, yaml.MappingNode):
             self.problem(node, fld, "expected a mapping", "write `key: value` lines")
@@ -267,7 +298,10 @@ class _Reader:
         return out
 
     def unknown_keys(
-        self, items: dict[str, tuple[yaml.Node, yaml.Node]], known: Iterable[str], fld: str
+        self,
+        items: dict[str, tuple[yaml.Node, yaml.Node]],
+        known: Iterable[str],
+        fld: str,
     ) -> None:
         allowed = sorted(known)
         for key, (key_node, _) in items.items():
@@ -316,13 +350,19 @@ class _Reader:
             )
             return None
         if not re.fullmatch(r"-?\d+", text) or scalar.style is not None:
-            self.problem(node, fld, f"{text!r} is not an integer", "write a whole number")
+            self.problem(
+                node, fld, f"{text!r} is not an integer", "write a whole number"
+            )
             return None
         value = int(text)
         return self._in_range(node, fld, value, low, high)
 
     def number(
-        self, node: yaml.Node, fld: str, low: float | None = None, high: float | None = None
+        self,
+        node: yaml.Node,
+        fld: str,
+        low: float | None = None,
+        high: float | None = None,
     ) -> float | None:
         scalar = self.scalar(node, fld)
         if scalar is None:
@@ -330,7 +370,9 @@ class _Reader:
         try:
             value = float(scalar.value)
         except ValueError:
-            self.problem(node, fld, f"{scalar.value!r} is not a number", "write a number")
+            self.problem(
+                node, fld, f"{scalar.value!r} is not a number", "write a number"
+            )
             return None
         return self._in_range(node, fld, value, low, high)
 
@@ -354,7 +396,9 @@ class _Reader:
             return True
         if scalar.style is None and text in ("false", "no", "off"):
             return False
-        self.problem(node, fld, f"{scalar.value!r} is not a boolean", "write true or false")
+        self.problem(
+            node, fld, f"{scalar.value!r} is not a boolean", "write true or false"
+        )
         return None
 
     def converted(self, node: yaml.Node, fld: str, parse: Callable[[Any], Any]) -> Any:
@@ -379,7 +423,14 @@ class _Reader:
 # --------------------------------------------------------------------------
 
 _TOP_KEYS = ("tiers", "users", "idle_timeout", "network", "forecast")
-_TIER_KEYS = ("cpu.weight", "memory.min", "memory.low", "memory.high", "cpu.max", "io.weight")
+_TIER_KEYS = (
+    "cpu.weight",
+    "memory.min",
+    "memory.low",
+    "memory.high",
+    "cpu.max",
+    "io.weight",
+)
 _USER_KEYS = ("name", "uid", "uids", "group", "pool", "idle_timeout", "max_slots")
 _MATCH_KEYS = ("name", "uid", "uids", "group")
 
@@ -387,16 +438,22 @@ _MATCH_KEYS = ("name", "uid", "uids", "group")
 def _parse_cpu_max(text: Any) -> CpuMax:
     parts = str(text).split()
     if not parts or len(parts) > 2:
-        raise ValueError(f"invalid cpu.max {text!r}; write 'max', 'QUOTA' or 'QUOTA PERIOD' in microseconds")
+        raise ValueError(
+            f"invalid cpu.max {text!r}; write 'max', 'QUOTA' or 'QUOTA PERIOD' in microseconds"
+        )
     period = CPU_MAX_DEFAULT_PERIOD_US
     if len(parts) == 2:
         if not parts[1].isdigit() or not 1000 <= int(parts[1]) <= 1000000:
-            raise ValueError(f"invalid cpu.max period {parts[1]!r}; write 1000..1000000 microseconds")
+            raise ValueError(
+                f"invalid cpu.max period {parts[1]!r}; write 1000..1000000 microseconds"
+            )
         period = int(parts[1])
     if parts[0] == "max":
         return CpuMax(None, period)
     if not parts[0].isdigit() or int(parts[0]) < 1000:
-        raise ValueError(f"invalid cpu.max quota {parts[0]!r}; write 'max' or at least 1000 microseconds")
+        raise ValueError(
+            f"invalid cpu.max quota {parts[0]!r}; write 'max' or at least 1000 microseconds"
+        )
     return CpuMax(int(parts[0]), period)
 
 
@@ -417,38 +474,68 @@ def _parse_tier(reader: _Reader, name: str, node: yaml.Node) -> Tier | None:
         if key not in items:
             reader.problem(node, f"{fld}.{key}", "missing", f"add {key} to tier {name}")
     if "cpu.weight" in items:
-        values["cpu_weight"] = reader.integer(items["cpu.weight"][1], f"{fld}.cpu.weight", *CPU_WEIGHT_RANGE)
+        values["cpu_weight"] = reader.integer(
+            items["cpu.weight"][1], f"{fld}.cpu.weight", *CPU_WEIGHT_RANGE
+        )
     if "memory.min" in items:
-        values["memory_min"] = reader.converted(items["memory.min"][1], f"{fld}.memory.min", units.parse_size)
+        values["memory_min"] = reader.converted(
+            items["memory.min"][1], f"{fld}.memory.min", units.parse_size
+        )
     if "memory.low" in items:
-        values["memory_low"] = reader.converted(items["memory.low"][1], f"{fld}.memory.low", units.parse_size)
+        values["memory_low"] = reader.converted(
+            items["memory.low"][1], f"{fld}.memory.low", units.parse_size
+        )
     if "memory.high" in items:
-        values["memory_high"] = reader.converted(items["memory.high"][1], f"{fld}.memory.high", _parse_memory_high)
+        values["memory_high"] = reader.converted(
+            items["memory.high"][1], f"{fld}.memory.high", _parse_memory_high
+        )
     if "cpu.max" in items:
-        values["cpu_max"] = reader.converted(items["cpu.max"][1], f"{fld}.cpu.max", _parse_cpu_max)
+        values["cpu_max"] = reader.converted(
+            items["cpu.max"][1], f"{fld}.cpu.max", _parse_cpu_max
+        )
     if "io.weight" in items:
-        values["io_weight"] = reader.integer(items["io.weight"][1], f"{fld}.io.weight", *IO_WEIGHT_RANGE)
+        values["io_weight"] = reader.integer(
+            items["io.weight"][1], f"{fld}.io.weight", *IO_WEIGHT_RANGE
+        )
     if values.get("cpu_weight") is None or values.get("memory_min") is None:
         return None
-    low, high, low_node = values.get("memory_low"), values.get("memory_high"), items.get("memory.low")
+    low, high, low_node = (
+        values.get("memory_low"),
+        values.get("memory_high"),
+        items.get("memory.low"),
+    )
     if low is not None and low < values["memory_min"] and low_node:
-        reader.problem(low_node[1], f"{fld}.memory.low", "is below memory.min", "set memory.low >= memory.min or drop it")
+        reader.problem(
+            low_node[1],
+            f"{fld}.memory.low",
+            "is below memory.min",
+            "set memory.low >= memory.min or drop it",
+        )
     if high is not None and high < values["memory_min"] and "memory.high" in items:
-        reader.problem(items["memory.high"][1], f"{fld}.memory.high", "is below memory.min", "raise memory.high above memory.min")
+        reader.problem(
+            items["memory.high"][1],
+            f"{fld}.memory.high",
+            "is below memory.min",
+            "raise memory.high above memory.min",
+        )
     return Tier(name=name, **values)
 
 
 def _parse_uid_range(text: Any) -> tuple[int, int]:
     match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", str(text))
     if not match:
-        raise ValueError(f"invalid uid range {text!r}; write FIRST-LAST, e.g. 2000-2999")
+        raise ValueError(
+            f"invalid uid range {text!r}; write FIRST-LAST, e.g. 2000-2999"
+        )
     first, last = int(match.group(1)), int(match.group(2))
     if first > last:
         raise ValueError(f"uid range {text!r} is reversed; write the lower uid first")
     return first, last
 
 
-def _parse_user(reader: _Reader, index: int, node: yaml.Node, default_idle: float) -> UserPolicy | None:
+def _parse_user(
+    reader: _Reader, index: int, node: yaml.Node, default_idle: float
+) -> UserPolicy | None:
     fld = f"users[{index}]"
     items = reader.mapping(node, fld)
     if items is None:
@@ -459,7 +546,8 @@ def _parse_user(reader: _Reader, index: int, node: yaml.Node, default_idle: floa
         reader.problem(
             node,
             fld,
-            "needs exactly one of name, uid, uids, group" + (f" (has {', '.join(present)})" if present else ""),
+            "needs exactly one of name, uid, uids, group"
+            + (f" (has {', '.join(present)})" if present else ""),
             "keep one way to match users per entry",
         )
         return None
@@ -485,20 +573,30 @@ def _parse_user(reader: _Reader, index: int, node: yaml.Node, default_idle: floa
 
     pool: list[tuple[str, int]] = []
     if "pool" not in items:
-        reader.problem(node, f"{fld}.pool", f"missing for {label}", "add e.g. `pool: {light: 2}`")
+        reader.problem(
+            node, f"{fld}.pool", f"missing for {label}", "add e.g. `pool: {light: 2}`"
+        )
     else:
         pool_items = reader.mapping(items["pool"][1], f"{fld}.pool") or {}
         for tier_name, (_, count_node) in pool_items.items():
-            count = reader.integer(count_node, f"{fld}.pool.{tier_name} ({label})", 0, 64)
+            count = reader.integer(
+                count_node, f"{fld}.pool.{tier_name} ({label})", 0, 64
+            )
             if count is not None:
                 pool.append((tier_name, count))
     idle = default_idle
     if "idle_timeout" in items:
-        parsed = reader.converted(items["idle_timeout"][1], f"{fld}.idle_timeout ({label})", units.parse_duration)
+        parsed = reader.converted(
+            items["idle_timeout"][1],
+            f"{fld}.idle_timeout ({label})",
+            units.parse_duration,
+        )
         idle = parsed if parsed is not None else idle
     max_slots = max([n for _, n in pool] + [8])
     if "max_slots" in items:
-        parsed_max = reader.integer(items["max_slots"][1], f"{fld}.max_slots ({label})", 0, 256)
+        parsed_max = reader.integer(
+            items["max_slots"][1], f"{fld}.max_slots ({label})", 0, 256
+        )
         max_slots = parsed_max if parsed_max is not None else max_slots
     return UserPolicy(match, tuple(pool), idle, max_slots, reader.where(node))
 
@@ -509,7 +607,9 @@ def _parse_rates(reader: _Reader, node: yaml.Node, fld: str) -> ClassRates | Non
         return None
     reader.unknown_keys(items, ("rate", "ceil"), fld)
     if "rate" not in items:
-        reader.problem(node, f"{fld}.rate", "missing", "add a guaranteed rate, e.g. rate: 10mbit")
+        reader.problem(
+            node, f"{fld}.rate", "missing", "add a guaranteed rate, e.g. rate: 10mbit"
+        )
         return None
     rate = reader.converted(items["rate"][1], f"{fld}.rate", units.parse_rate)
     ceil = rate
@@ -519,26 +619,46 @@ def _parse_rates(reader: _Reader, node: yaml.Node, fld: str) -> ClassRates | Non
         return None
     for key, value in (("rate", rate), ("ceil", ceil)):
         if not units.RATE_MIN <= value <= units.RATE_MAX:
-            reader.problem(items.get(key, items["rate"])[1], f"{fld}.{key}", _rate_range_text(value), "write at least 1kbit and at most 2**64-1 bytes per second")
+            reader.problem(
+                items.get(key, items["rate"])[1],
+                f"{fld}.{key}",
+                _rate_range_text(value),
+                _RATE_RANGE_FIX,
+            )
             return None
     if rate > ceil:
-        reader.problem(items["rate"][1], f"{fld}.rate", f"rate {units.format_rate(rate)} is above ceil {units.format_rate(ceil)}", "lower rate or raise ceil")
+        reader.problem(
+            items["rate"][1],
+            f"{fld}.rate",
+            f"rate {units.format_rate(rate)} is above ceil {units.format_rate(ceil)}",
+            "lower rate or raise ceil",
+        )
         return None
     return ClassRates(rate, ceil)
 
 
+_RATE_RANGE_FIX = "write at least 1kbit and at most 2**64-1 bytes per second"
+
+
 def _rate_range_text(value: int) -> str:
     if value < units.RATE_MIN:
-        return f"{units.format_rate(value)} is below the HTB minimum of {units.format_rate(units.RATE_MIN)}"
+        return (
+            f"{units.format_rate(value)} is below the HTB minimum of "
+            f"{units.format_rate(units.RATE_MIN)}"
+        )
     return f"{units.format_rate(value)} is above the kernel's 64-bit bytes/s limit"
 
 
-def _parse_interface(reader: _Reader, index: int, node: yaml.Node) -> InterfacePolicy | None:
+def _parse_interface(
+    reader: _Reader, index: int, node: yaml.Node
+) -> InterfacePolicy | None:
     fld = f"network.interfaces[{index}]"
     items = reader.mapping(node, fld)
     if items is None:
         return None
-    reader.unknown_keys(items, ("name", "link_rate", "default", "user", "tiers", "r2q"), fld)
+    reader.unknown_keys(
+        items, ("name", "link_rate", "default", "user", "tiers", "r2q"), fld
+    )
     for key in ("name", "link_rate", "default", "user"):
         if key not in items:
             reader.problem(node, f"{fld}.{key}", "missing", f"add {key}")
@@ -554,21 +674,36 @@ def _parse_interface(reader: _Reader, index: int, node: yaml.Node) -> InterfaceP
     tiers: list[tuple[str, ClassRates]] = []
     tier_nodes: list[yaml.Node] = []
     if "tiers" in items:
-        for tier_name, (_, rates_node) in (reader.mapping(items["tiers"][1], f"{fld}.tiers") or {}).items():
+        for tier_name, (_, rates_node) in (
+            reader.mapping(items["tiers"][1], f"{fld}.tiers") or {}
+        ).items():
             rates = _parse_rates(reader, rates_node, f"{fld}.tiers.{tier_name}")
             if rates is not None:
                 tiers.append((tier_name, rates))
                 tier_nodes.append(rates_node)
     if link is not None and not units.RATE_MIN <= link <= units.RATE_MAX:
-        reader.problem(items["link_rate"][1], f"{fld}.link_rate", _rate_range_text(link), "write at least 1kbit and at most 2**64-1 bytes per second")
+        reader.problem(
+            items["link_rate"][1],
+            f"{fld}.link_rate",
+            _rate_range_text(link),
+            _RATE_RANGE_FIX,
+        )
         link = None
     if name is None or link is None or default is None or user is None:
         return None
-    for label, rates, rnode in [("default", default, items["default"][1]), ("user", user, items["user"][1])] + [
-        (f"tiers.{t}", r, node) for (t, r), node in zip(tiers, tier_nodes)
+    for label, rates, rnode in [
+        ("default", default, items["default"][1]),
+        ("user", user, items["user"][1]),
+    ] + [
+        (f"tiers.{t}", r, node) for (t, r), node in zip(tiers, tier_nodes, strict=True)
     ]:
         if rates.ceil > link:
-            reader.problem(rnode, f"{fld}.{label}.ceil", f"ceil {units.format_rate(rates.ceil)} is above link_rate {units.format_rate(link)}", "lower ceil to at most link_rate")
+            reader.problem(
+                rnode,
+                f"{fld}.{label}.ceil",
+                f"ceil {units.format_rate(rates.ceil)} is above link_rate {units.format_rate(link)}",
+                "lower ceil to at most link_rate",
+            )
     return InterfacePolicy(name, link, default, user, tuple(tiers), r2q)
 
 
@@ -578,29 +713,59 @@ def _parse_forecast(reader: _Reader, node: yaml.Node) -> ForecastPolicy | None:
     if items is None:
         return None
     known = (
-        "enabled", "interval", "plan_interval", "quantile", "window", "horizon_min",
-        "horizon_max", "service_time", "memory_min_share", "anomaly_sigma", "weights",
+        "enabled",
+        "interval",
+        "plan_interval",
+        "quantile",
+        "window",
+        "horizon_min",
+        "horizon_max",
+        "service_time",
+        "memory_min_share",
+        "anomaly_sigma",
+        "weights",
     )
     reader.unknown_keys(items, known, fld)
     values: dict[str, Any] = {}
     if "enabled" in items:
         values["enabled"] = reader.boolean(items["enabled"][1], f"{fld}.enabled")
-    for key in ("interval", "plan_interval", "horizon_min", "horizon_max", "service_time"):
+    for key in (
+        "interval",
+        "plan_interval",
+        "horizon_min",
+        "horizon_max",
+        "service_time",
+    ):
         if key in items:
-            values[key] = reader.converted(items[key][1], f"{fld}.{key}", units.parse_duration)
+            values[key] = reader.converted(
+                items[key][1], f"{fld}.{key}", units.parse_duration
+            )
     if "quantile" in items:
-        values["quantile"] = reader.number(items["quantile"][1], f"{fld}.quantile", 0.5, 0.999)
+        values["quantile"] = reader.number(
+            items["quantile"][1], f"{fld}.quantile", 0.5, 0.999
+        )
     if "window" in items:
         values["window"] = reader.integer(items["window"][1], f"{fld}.window", 8, 4096)
     if "memory_min_share" in items:
-        values["memory_min_share"] = reader.number(items["memory_min_share"][1], f"{fld}.memory_min_share", 0.0, 0.95)
+        values["memory_min_share"] = reader.number(
+            items["memory_min_share"][1], f"{fld}.memory_min_share", 0.0, 0.95
+        )
     if "anomaly_sigma" in items:
-        values["anomaly_sigma"] = reader.number(items["anomaly_sigma"][1], f"{fld}.anomaly_sigma", 1.0, 100.0)
+        values["anomaly_sigma"] = reader.number(
+            items["anomaly_sigma"][1], f"{fld}.anomaly_sigma", 1.0, 100.0
+        )
     if "weights" in items:
         weights = []
-        for key, (_, wnode) in (reader.mapping(items["weights"][1], f"{fld}.weights") or {}).items():
+        for key, (_, wnode) in (
+            reader.mapping(items["weights"][1], f"{fld}.weights") or {}
+        ).items():
             if key not in ("connections", "cpu", "memory", "bandwidth"):
-                reader.problem(wnode, f"{fld}.weights.{key}", "unknown resource", "use connections, cpu, memory or bandwidth")
+                reader.problem(
+                    wnode,
+                    f"{fld}.weights.{key}",
+                    "unknown resource",
+                    "use connections, cpu, memory or bandwidth",
+                )
                 continue
             weight = reader.number(wnode, f"{fld}.weights.{key}", 0.0, 100.0)
             if weight is not None:
@@ -610,7 +775,12 @@ def _parse_forecast(reader: _Reader, node: yaml.Node) -> ForecastPolicy | None:
         return None
     result = ForecastPolicy(**values)
     if result.horizon_min > result.horizon_max:
-        reader.problem(node, f"{fld}.horizon_min", "is above horizon_max", "set horizon_min <= horizon_max")
+        reader.problem(
+            node,
+            f"{fld}.horizon_min",
+            "is above horizon_max",
+            "set horizon_min <= horizon_max",
+        )
         return None
     return result
 
@@ -627,6 +797,7 @@ class _FileParts:
     users: list[UserPolicy] = field(default_factory=list)
     interfaces: list[tuple[InterfacePolicy, str]] = field(default_factory=list)
     forecast: tuple[ForecastPolicy, str] | None = None
+    broken_tiers: set[str] = field(default_factory=set)
 
 
 def _compose(path: str, text: str, problems: list[PolicyProblem]) -> yaml.Node | None:
@@ -635,9 +806,15 @@ def _compose(path: str, text: str, problems: list[PolicyProblem]) -> yaml.Node |
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
-        problems.append(PolicyProblem(path, line, "(syntax)", str(exc.problem or exc), "fix the YAML syntax"))
+        problems.append(
+            PolicyProblem(
+                path, line, "(syntax)", str(exc.problem or exc), "fix the YAML syntax"
+            )
+        )
     except yaml.YAMLError as exc:
-        problems.append(PolicyProblem(path, 1, "(syntax)", str(exc), "fix the YAML syntax"))
+        problems.append(
+            PolicyProblem(path, 1, "(syntax)", str(exc), "fix the YAML syntax")
+        )
     return None
 
 
@@ -653,16 +830,30 @@ def _parse_file(path: str, text: str, problems: list[PolicyProblem]) -> _FilePar
     reader.unknown_keys(items, _TOP_KEYS, "")
     default_idle = 30.0
     if "idle_timeout" in items:
-        default_idle = reader.converted(items["idle_timeout"][1], "idle_timeout", units.parse_duration) or default_idle
+        default_idle = (
+            reader.converted(
+                items["idle_timeout"][1], "idle_timeout", units.parse_duration
+            )
+            or default_idle
+        )
     if "tiers" in items:
-        for name, (key_node, tier_node) in (reader.mapping(items["tiers"][1], "tiers") or {}).items():
+        for name, (key_node, tier_node) in (
+            reader.mapping(items["tiers"][1], "tiers") or {}
+        ).items():
             tier = _parse_tier(reader, name, tier_node)
             if tier is not None:
                 parts.tiers.append((tier, reader.where(key_node)))
+            else:
+                parts.broken_tiers.add(name)
     if "users" in items:
         users_node = items["users"][1]
         if not isinstance(users_node, yaml.SequenceNode):
-            reader.problem(users_node, "users", "expected a list", "write each user entry as `- name: ...`")
+            reader.problem(
+                users_node,
+                "users",
+                "expected a list",
+                "write each user entry as `- name: ...`",
+            )
         else:
             for index, user_node in enumerate(users_node.value):
                 user = _parse_user(reader, index, user_node, default_idle)
@@ -674,7 +865,12 @@ def _parse_file(path: str, text: str, problems: list[PolicyProblem]) -> _FilePar
         if "interfaces" in net:
             seq = net["interfaces"][1]
             if not isinstance(seq, yaml.SequenceNode):
-                reader.problem(seq, "network.interfaces", "expected a list", "write each interface as `- name: eth0`")
+                reader.problem(
+                    seq,
+                    "network.interfaces",
+                    "expected a list",
+                    "write each interface as `- name: eth0`",
+                )
             else:
                 for index, if_node in enumerate(seq.value):
                     iface = _parse_interface(reader, index, if_node)
@@ -700,22 +896,45 @@ def _merge(files: list[_FileParts], problems: list[PolicyProblem]) -> Policy:
     for parts in files:
         for tier, where in parts.tiers:
             if tier.name in tiers:
-                problems.append(_problem_at(where, f"tiers.{tier.name}", f"tier defined twice (also at {tiers[tier.name][1]})", "rename or remove one"))
+                problems.append(
+                    _problem_at(
+                        where,
+                        f"tiers.{tier.name}",
+                        f"tier defined twice (also at {tiers[tier.name][1]})",
+                        "rename or remove one",
+                    )
+                )
                 continue
             tiers[tier.name] = (tier, where)
         for iface, where in parts.interfaces:
             if iface.name in interfaces:
-                problems.append(_problem_at(where, "network.interfaces", f"interface {iface.name} defined twice (also at {interfaces[iface.name][1]})", "keep one"))
+                problems.append(
+                    _problem_at(
+                        where,
+                        "network.interfaces",
+                        f"interface {iface.name} defined twice (also at {interfaces[iface.name][1]})",
+                        "keep one",
+                    )
+                )
                 continue
             interfaces[iface.name] = (iface, where)
         if parts.forecast is not None:
             if forecast is not None:
-                problems.append(_problem_at(parts.forecast[1], "forecast", f"forecast section defined twice (also at {forecast[1]})", "keep one"))
+                problems.append(
+                    _problem_at(
+                        parts.forecast[1],
+                        "forecast",
+                        f"forecast section defined twice (also at {forecast[1]})",
+                        "keep one",
+                    )
+                )
             else:
                 forecast = parts.forecast
         users.extend(parts.users)
 
-    _check_references(tiers, users, interfaces, problems)
+    broken = set().union(*(p.broken_tiers for p in files)) if files else set()
+    _check_references(tiers, broken, users, interfaces, problems)
+    _name_users_of_tiers(users, problems)
     return Policy(
         tiers=tuple(t for t, _ in tiers.values()),
         users=tuple(users),
@@ -725,26 +944,62 @@ def _merge(files: list[_FileParts], problems: list[PolicyProblem]) -> Policy:
     )
 
 
-def _check_references(tiers, users, interfaces, problems) -> None:
+def _name_users_of_tiers(
+    users: list[UserPolicy], problems: list[PolicyProblem]
+) -> None:
+    """Add to each tier problem which users the broken tier would have served."""
+    for problem in problems:
+        if not problem.field.startswith("tiers."):
+            continue
+        tier_name = problem.field.split(".")[1]
+        who = [u.match.describe() for u in users if tier_name in dict(u.pool)]
+        if who:
+            problem.problem += f" (tier {tier_name} of {', '.join(who)})"
+
+
+def _check_references(tiers, broken, users, interfaces, problems) -> None:
     seen: dict[UserMatch, str] = {}
     for user in users:
         for tier_name, _ in user.pool:
-            if tier_name not in tiers:
+            if tier_name not in tiers and tier_name not in broken:
                 known = ", ".join(sorted(tiers)) or "none defined"
-                problems.append(_problem_at(user.source, f"pool.{tier_name}", f"unknown tier for {user.match.describe()}", f"define it under tiers (known: {known})"))
+                problems.append(
+                    _problem_at(
+                        user.source,
+                        f"pool.{tier_name}",
+                        f"unknown tier for {user.match.describe()}",
+                        f"define it under tiers (known: {known})",
+                    )
+                )
         if user.match in seen:
-            problems.append(_problem_at(user.source, "users", f"{user.match.describe()} is listed twice (also at {seen[user.match]})", "merge the two entries"))
+            problems.append(
+                _problem_at(
+                    user.source,
+                    "users",
+                    f"{user.match.describe()} is listed twice (also at {seen[user.match]})",
+                    "merge the two entries",
+                )
+            )
         seen.setdefault(user.match, user.source)
     for iface, where in interfaces.values():
         for tier_name, _ in iface.tiers:
             if tier_name not in tiers:
-                problems.append(_problem_at(where, f"network.interfaces.tiers.{tier_name}", "unknown tier", "define it under tiers"))
+                problems.append(
+                    _problem_at(
+                        where,
+                        f"network.interfaces.tiers.{tier_name}",
+                        "unknown tier",
+                        "define it under tiers",
+                    )
+                )
 
 
 def policy_files(target: Path) -> list[Path]:
     """Return the policy files of a directory (sorted *.yaml, *.yml) or a file."""
     if target.is_dir():
-        return sorted(p for p in target.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+        return sorted(
+            p for p in target.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file()
+        )
     return [target]
 
 
@@ -771,7 +1026,15 @@ def load(paths: Iterable[Path]) -> Policy:
         try:
             texts.append((str(path), path.read_text()))
         except OSError as exc:
-            problems.append(PolicyProblem(str(path), 1, "(file)", f"cannot be read: {exc.strerror}", "check the path and its permissions"))
+            problems.append(
+                PolicyProblem(
+                    str(path),
+                    1,
+                    "(file)",
+                    f"cannot be read: {exc.strerror}",
+                    "check the path and its permissions",
+                )
+            )
     if problems:
         raise PolicyError(problems)
     return load_texts(texts)

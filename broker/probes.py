@@ -25,7 +25,7 @@ PROGRAMS = ("broker_exit_accept4", "broker_exit_accept", "broker_sock_state")
 
 # struct accept_event and struct uid_counters in bpf/include/broker_accept.h.
 _EVENT = struct.Struct("=QIIIi")
-_COUNTERS = struct.Struct("=QQ")
+_COUNTERS = struct.Struct("=QQQ")
 _UID = struct.Struct("=I")
 _MANAGED = b"\x01"
 
@@ -51,6 +51,7 @@ class UidCounters:
 
     accepts: int
     closes: int
+    drops: int  # events lost to a full ring buffer
 
     @property
     def open(self) -> int:
@@ -89,7 +90,9 @@ class AcceptProbe:
     def managed_uids(self) -> set[int]:
         return {_UID.unpack(key)[0] for key in self._managed.keys()}
 
-    def start(self, loop: asyncio.AbstractEventLoop, handler: Callable[[AcceptEvent], None]) -> None:
+    def start(
+        self, loop: asyncio.AbstractEventLoop, handler: Callable[[AcceptEvent], None]
+    ) -> None:
         """Deliver events to handler from the loop's own thread."""
 
         def on_record(data: bytes) -> None:

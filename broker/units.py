@@ -71,7 +71,9 @@ def parse_size(text: str | int) -> int:
         return text
     match = re.fullmatch(_NUMBER + r"\s*([a-zA-Z]*)", text.strip())
     if not match:
-        raise ValueError(f"invalid size {text!r}; write bytes or a unit, e.g. 64M or 1G")
+        raise ValueError(
+            f"invalid size {text!r}; write bytes or a unit, e.g. 64M or 1G"
+        )
     number, unit = match.groups()
     factor = _SIZE_UNITS.get(unit.lower())
     if factor is None:
@@ -91,7 +93,9 @@ def parse_duration(text: str | int | float) -> float:
     number, unit = match.groups()
     factor = _DURATION_UNITS.get(unit or "s")
     if factor is None:
-        raise ValueError(f"unknown duration unit {unit!r} in {text!r}; use ms, s, m or h")
+        raise ValueError(
+            f"unknown duration unit {unit!r} in {text!r}; use ms, s, m or h"
+        )
     return float(number) * factor
 
 

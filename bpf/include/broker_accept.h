@@ -18,6 +18,7 @@ struct accept_event {
 struct uid_counters {
 	__u64 accepts;  /* connections accepted since the probe was loaded */
 	__u64 closes;   /* accepted connections that reached TCP_CLOSE */
+	__u64 drops;    /* events of this uid lost to a full ring buffer */
 };
 
 #endif

@@ -1,0 +1,420 @@
+"""The broker daemon: `broker run`.
+
+One asyncio loop carries both paths:
+- the event path: the accept probe's ring buffer wakes the loop through its
+  epoll fd and Trigger.on_accept moves the process;
+- the control path: a tick (default 1 s) that reclaims idle slots, refreshes
+  the set of managed users, re-plans pools, writes status and pings the
+  systemd watchdog.
+
+Signals: SIGHUP reloads policies (a bad policy is rejected and the last good
+one stays in force); SIGTERM and SIGINT return every process home, remove
+the broker's cgroups and BPF links, then exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from broker import features as features_mod
+from broker import metrics
+from broker import policy as policy_mod
+from broker import state as state_mod
+from broker.cgroups import CgroupFS, join, parent_of
+from broker.errors import BrokerError, PolicyError
+from broker.policy import Policy, UserPolicy
+from broker.probes import AcceptProbe
+from broker.reconciler import DAEMON_LEAF, USERS_DIR, Reconciler
+from broker.sdnotify import Notifier, watchdog_interval
+from broker.trigger import Trigger
+
+log = logging.getLogger(__name__)
+
+USER_REFRESH_SECONDS = 30.0
+
+
+@dataclass
+class DaemonOptions:
+    """Command-line settings of `broker run`."""
+
+    policy_paths: list[str] = field(default_factory=list)
+    cgroup_root: str | None = None  # None: the daemon's own (delegated) cgroup
+    state_dir: str | None = None
+    tick: float = 1.0
+    dry_run: bool = False
+    ring_entries: int | None = None
+
+
+def resolve_root(cg: CgroupFS, explicit: str | None) -> tuple[str, bool]:
+    """Return the delegated root and whether the daemon must move itself into its leaf."""
+    if explicit:
+        return explicit.rstrip("/") or "/", False
+    own = cg.cgroup_of(os.getpid())
+    if own is None or own == "/":
+        raise BrokerError(
+            "the daemon runs in the root cgroup; start it from broker.service "
+            "(Delegate=yes) or pass --cgroup-root with a delegated cgroup"
+        )
+    if own.rsplit("/", 1)[-1] == DAEMON_LEAF and cg.exists(
+        join(parent_of(own), USERS_DIR)
+    ):
+        return parent_of(own), False  # restarted inside the leaf of a previous run
+    return own, True
+
+
+def is_delegated(cg: CgroupFS, root: str) -> bool:
+    """Return True if systemd marked root as delegated (xattr set by systemd >= 251)."""
+    path = cg.fs_path(root)
+    for name in ("trusted.delegate", "user.delegate"):
+        try:
+            if os.getxattr(path, name) == b"1":
+                return True
+        except OSError:
+            continue
+    return False
+
+
+class Daemon:
+    """Wires policy, cgroups, probe and trigger into one loop."""
+
+    def __init__(self, options: DaemonOptions):
+        self.options = options
+        self.cg = CgroupFS()
+        self.notifier = Notifier()
+        self.state_dir = state_mod.state_dir(options.state_dir)
+        self.policy: Policy | None = None
+        self.users: dict[int, UserPolicy] = {}
+        self.last_reload_error: list[str] = []
+        self.policy_loaded_at = 0.0
+        self.started = time.time()
+        self.stop_event = asyncio.Event()
+        self.probe: AcceptProbe | None = None
+        self.reconciler: Reconciler | None = None
+        self.trigger: Trigger | None = None
+        self.features: features_mod.Features | None = None
+        self._dirty = False
+        self._last_user_refresh = 0.0
+
+    # -- start ---------------------------------------------------------------
+
+    def load_policy(self) -> Policy:
+        paths = policy_mod.resolve_policy_paths(self.options.policy_paths)
+        return policy_mod.load(paths)
+
+    async def run(self) -> int:
+        self.features = features_mod.probe(self.cg)
+        features_mod.log_features(self.features)
+        try:
+            self.policy = self.load_policy()
+        except PolicyError as exc:
+            for problem in exc.problems:
+                log.error("policy: %s", problem)
+            return 1
+        self.policy_loaded_at = time.time()
+        log.info("policy loaded: %s", self.policy.summary())
+        state_mod.ensure_dir(self.state_dir)
+        try:
+            self.start_kernel_side()
+        except BrokerError as exc:
+            log.error("%s", exc)
+            self.shutdown()
+            return 1
+        self.install_signal_handlers()
+        self.notifier.ready(self.status_line())
+        log.info("broker ready: %s", self.status_line())
+        await self.control_loop()
+        self.shutdown()
+        return 0
+
+    def start_kernel_side(self) -> None:
+        root, move_self = resolve_root(self.cg, self.options.cgroup_root)
+        if not is_delegated(self.cg, root):
+            log.warning(
+                "cgroup %s is not marked as delegated; run under broker.service with Delegate=yes",
+                root,
+            )
+        self.reconciler = Reconciler(self.cg, root, dry_run=self.options.dry_run)
+        assert self.policy is not None
+        want_io = any(t.io_weight is not None for t in self.policy.tiers)
+        if move_self and not self.options.dry_run:
+            self.cg.mkdir(join(root, DAEMON_LEAF))
+            self.cg.move(os.getpid(), join(root, DAEMON_LEAF))
+        self.reconciler.prepare(want_io)
+        self.reconciler.adopt_existing()
+        self.trigger = Trigger(
+            self.cg,
+            self.reconciler,
+            idle_timeout=self.idle_timeout,
+            on_change=self.mark_dirty,
+        )
+        self.readopt()
+        self.refresh_users(force=True)
+        self.probe = AcceptProbe(ring_entries=self.options.ring_entries)
+        self.probe.attach()
+        self.probe.set_managed_uids(self.users)
+        self.probe.start(asyncio.get_running_loop(), self.trigger.on_accept)
+
+    def readopt(self) -> None:
+        """Take over placements of a previous run whose processes are still in their slots."""
+        assert self.trigger is not None and self.reconciler is not None
+        saved = {p.tgid: p for p in state_mod.load_placements(self.state_dir)}
+        for slot in self.reconciler.pools.all():
+            for pid in self.cg.procs(slot.path):
+                placement = saved.get(pid)
+                if placement is not None and placement.slot == slot.path:
+                    placement.last_accept = time.monotonic()
+                    slot.tgid = pid
+                    self.trigger.placements[pid] = placement
+                    log.info(
+                        "re-adopted pid %d in %s (home %s)",
+                        pid,
+                        slot.path,
+                        placement.home,
+                    )
+                    continue
+                owner = next((p for p in saved.values() if p.slot == slot.path), None)
+                home = owner.home if owner is not None else "/"
+                log.warning(
+                    "pid %d in %s has no saved placement; sending it to %s",
+                    pid,
+                    slot.path,
+                    home,
+                )
+                self.trigger.return_pid(pid, home, slot.uid, "no saved placement")
+        self.mark_dirty()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGTERM, self.stop_event.set)
+        loop.add_signal_handler(signal.SIGINT, self.stop_event.set)
+
+    # -- control path --------------------------------------------------------
+
+    async def control_loop(self) -> None:
+        watchdog = watchdog_interval()
+        last_ping = 0.0
+        while not self.stop_event.is_set():
+            self.tick()
+            now = time.monotonic()
+            if watchdog is not None and now - last_ping >= watchdog:
+                self.notifier.watchdog()
+                last_ping = now
+            try:
+                await asyncio.wait_for(
+                    self.stop_event.wait(), timeout=self.options.tick
+                )
+            except asyncio.TimeoutError:
+                pass
+
+    def tick(self) -> None:
+        assert self.trigger is not None
+        try:
+            self.trigger.reclaim_idle()
+            self.refresh_users()
+        except BrokerError as exc:
+            log.error("control tick: %s", exc)
+        self.write_state()
+
+    def refresh_users(self, force: bool = False) -> None:
+        """Re-resolve managed users (accounts come and go) and apply pools."""
+        now = time.monotonic()
+        if not force and now - self._last_user_refresh < USER_REFRESH_SECONDS:
+            return
+        self._last_user_refresh = now
+        assert self.policy is not None and self.reconciler is not None
+        users = self.policy.managed_users()
+        desired = {uid: entry.pool_dict() for uid, entry in users.items()}
+        tiers = {t.name: t for t in self.policy.tiers}
+        changes = self.reconciler.apply(desired, tiers)
+        if users.keys() != self.users.keys() and self.probe is not None:
+            self.probe.set_managed_uids(users)
+        self.users = users
+        if any(changes.values()):
+            log.info("pools applied for %d user(s): %s", len(users), changes)
+            self.mark_dirty()
+
+    def idle_timeout(self, uid: int) -> float:
+        entry = self.users.get(uid)
+        return entry.idle_timeout if entry is not None else 0.0
+
+    def reload(self) -> None:
+        """SIGHUP: validate the policy files, then switch to them or keep the old set."""
+        self.notifier.reloading()
+        try:
+            new_policy = self.load_policy()
+        except PolicyError as exc:
+            self.last_reload_error = [str(p) for p in exc.problems]
+            for problem in exc.problems:
+                log.error("reload rejected, keeping the previous policy: %s", problem)
+            self.notifier.ready(self.status_line())
+            return
+        self.policy = new_policy
+        self.policy_loaded_at = time.time()
+        self.last_reload_error = []
+        log.info("policy reloaded: %s", new_policy.summary())
+        try:
+            self.refresh_users(force=True)
+        except BrokerError as exc:
+            log.error("applying the reloaded policy failed: %s", exc)
+        self.notifier.ready(self.status_line())
+
+    # -- status ----------------------------------------------------------------
+
+    def mark_dirty(self) -> None:
+        self._dirty = True
+        asyncio.get_running_loop().call_soon(self.write_state)
+
+    def write_state(self) -> None:
+        if self.trigger is None:
+            return
+        if self._dirty:
+            state_mod.save_placements(
+                self.state_dir, list(self.trigger.placements.values())
+            )
+            self._dirty = False
+        status = self.status()
+        state_mod.save_status(self.state_dir, status)
+        state_mod.write_atomic(
+            self.state_dir / state_mod.METRICS_FILE, metrics.render(status), 0o644
+        )
+        self.notifier.status(self.status_line())
+
+    def status_line(self) -> str:
+        if self.trigger is None or self.reconciler is None:
+            return "starting"
+        slots = self.reconciler.pools.all()
+        busy = sum(1 for s in slots if s.busy)
+        return (
+            f"{len(self.users)} users, {busy}/{len(slots)} slots busy, "
+            f"{sum(c.activations for c in self.trigger.counters.values())} activations"
+        )
+
+    def status(self) -> dict[str, Any]:
+        assert self.trigger is not None and self.reconciler is not None
+        counters = self.probe.counters() if self.probe else {}
+        users: dict[str, Any] = {}
+        for uid in sorted(set(self.users) | set(self.trigger.counters)):
+            users[str(uid)] = self.user_status(uid, counters.get(uid))
+        return {
+            "daemon": {
+                "pid": os.getpid(),
+                "started": self.started,
+                "updated": time.time(),
+                "cgroup_root": self.reconciler.root,
+                "policy_sources": list(self.policy.sources) if self.policy else [],
+                "policy_loaded_at": self.policy_loaded_at,
+                "last_reload_error": self.last_reload_error,
+                "events": self.trigger.events,
+                "ring_buffer_drops": self.probe.drops() if self.probe else 0,
+                "features": self.features.lines() if self.features else [],
+            },
+            "latency_us": latency_summary(list(self.trigger.latencies_ns)),
+            "users": users,
+        }
+
+    def user_status(self, uid: int, probe_counters: Any) -> dict[str, Any]:
+        assert self.trigger is not None and self.reconciler is not None
+        slots = self.reconciler.pools.slots.get(uid, [])
+        counters = self.trigger.user(uid)
+        return {
+            "name": _user_name(uid),
+            "slots": [
+                {
+                    "path": s.path,
+                    "tier": s.tier,
+                    "busy": s.busy,
+                    "pid": s.tgid,
+                    "retiring": s.retiring,
+                }
+                for s in slots
+            ],
+            "slots_free": sum(1 for s in slots if not s.busy),
+            "slots_busy": sum(1 for s in slots if s.busy),
+            "placed": sorted(
+                p.tgid for p in self.trigger.placements.values() if p.uid == uid
+            ),
+            "counters": vars(counters),
+            "accepts": probe_counters.accepts if probe_counters else 0,
+            "open_connections": probe_counters.open if probe_counters else 0,
+            "drops": probe_counters.drops if probe_counters else 0,
+        }
+
+    # -- stop ------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Return every process home, then remove slots, BPF links and the daemon leaf."""
+        self.notifier.stopping()
+        if self.trigger is not None:
+            returned = self.trigger.return_everyone("stop")
+            log.info("returned %d process(es) home", returned)
+        if self.probe is not None:
+            self.probe.close()
+            self.probe = None
+        if self.reconciler is not None and not self.options.dry_run:
+            failed = self.reconciler.remove_all()
+            if failed:
+                log.error("could not remove %s", ", ".join(failed))
+            self.leave_daemon_leaf()
+        if self.trigger is not None:
+            self.trigger.placements.clear()
+            self._dirty = True
+            self.write_state()
+        log.info("broker stopped")
+
+    def leave_daemon_leaf(self) -> None:
+        """Move the daemon back to the root and remove its leaf, if it moved itself."""
+        assert self.reconciler is not None
+        root = self.reconciler.root
+        if self.cg.cgroup_of(os.getpid()) != self.reconciler.daemon_leaf:
+            return
+        try:
+            controllers = self.cg.subtree_control(root)
+            if controllers:
+                self.cg.write(
+                    root,
+                    "cgroup.subtree_control",
+                    " ".join(f"-{c}" for c in sorted(controllers)),
+                )
+            self.cg.move(os.getpid(), root)
+            self.cg.rmdir(self.reconciler.daemon_leaf)
+        except BrokerError as exc:
+            log.warning("leaving the daemon leaf failed: %s", exc)
+
+
+def latency_summary(samples: list[int]) -> dict[str, float | int | None]:
+    """Return count, median and p99 of accept-to-move latencies in microseconds."""
+    if not samples:
+        return {"count": 0, "median": None, "p99": None, "max": None}
+    ordered = sorted(samples)
+    p99 = ordered[min(len(ordered) - 1, int(round(0.99 * (len(ordered) - 1))))]
+    return {
+        "count": len(ordered),
+        "median": statistics.median(ordered) / 1000,
+        "p99": p99 / 1000,
+        "max": ordered[-1] / 1000,
+    }
+
+
+def _user_name(uid: int) -> str | None:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+
+
+def run(options: DaemonOptions) -> int:
+    return asyncio.run(Daemon(options).run())
+
+
+__all__ = ["Daemon", "DaemonOptions", "run", "Path"]

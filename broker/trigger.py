@@ -1,0 +1,251 @@
+"""Activation, the cold path and reclamation.
+
+on_accept() runs in the asyncio loop for every ring-buffer event. It reads
+at most two small files of the accepting process (/proc/PID/stat and
+/proc/PID/cgroup) and writes its pid to one cgroup.procs; it never loads
+YAML, fits a model or scans /proc.
+
+reclaim_idle() runs on the control tick: a placed process with no accept for
+its user's idle timeout goes back home and its slot is free again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from broker.cgroups import CgroupFS, MoveOutcome, parent_of
+from broker.probes import AcceptEvent
+from broker.reconciler import Reconciler, Slot
+from broker.state import Placement
+
+log = logging.getLogger(__name__)
+
+LATENCY_SAMPLES = 4096
+
+
+@dataclass
+class UserCounters:
+    """Per-uid outcome counts, as `broker status` shows them."""
+
+    activations: int = 0
+    misses: int = 0
+    reclaims: int = 0
+    exits: int = 0
+    gone: int = 0
+    zombies: int = 0
+    kernel_threads: int = 0
+    move_failures: int = 0
+    returned_elsewhere: int = 0
+
+
+@dataclass
+class Trigger:
+    """Moves accepting processes of managed users into free warm slots."""
+
+    cg: CgroupFS
+    reconciler: Reconciler
+    idle_timeout: Callable[[int], float]  # uid -> seconds
+    on_change: Callable[[], None] = lambda: None  # placements changed
+    on_slot_state: Callable[[int, str | None], None] = lambda uid, tier: None
+    placements: dict[int, Placement] = field(default_factory=dict)
+    counters: dict[int, UserCounters] = field(default_factory=dict)
+    latencies_ns: deque = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
+    events: int = 0
+
+    def user(self, uid: int) -> UserCounters:
+        counters = self.counters.get(uid)
+        if counters is None:
+            counters = self.counters[uid] = UserCounters()
+        return counters
+
+    # -- event path ----------------------------------------------------------
+
+    def on_accept(self, event: AcceptEvent) -> None:
+        self.events += 1
+        now = time.monotonic()
+        placement = self.placements.get(event.tgid)
+        if placement is not None:
+            placement.last_accept = now
+            return
+        if event.uid not in self.reconciler.pools.slots:
+            return  # managed by the filter but no pool (yet): nothing to do
+        self._activate(event, now)
+
+    def _activate(self, event: AcceptEvent, now: float) -> None:
+        counters = self.user(event.uid)
+        home = self.cg.cgroup_of(event.tgid)
+        if home is None:
+            counters.gone += 1
+            log.debug("pid %d exited before it could be moved", event.tgid)
+            return
+        if home.startswith(self.reconciler.root + "/"):
+            self._refresh_owner_of(home, now)
+            return
+        slot = self.reconciler.pools.free_slot(event.uid)
+        if slot is None:
+            counters.misses += 1
+            log.debug(
+                "no free slot for uid %d (pid %d): cold path", event.uid, event.tgid
+            )
+            return
+        outcome = self.cg.classify(event.tgid)
+        if outcome is None:
+            outcome = self.cg.move(event.tgid, slot.path)
+        moved_ns = time.monotonic_ns()
+        if outcome is not MoveOutcome.MOVED:
+            self._count_failure(counters, outcome, event.tgid, slot.path)
+            return
+        slot.tgid = event.tgid
+        self.placements[event.tgid] = Placement(
+            event.tgid, event.uid, slot.path, home, event.ts_ns, moved_ns, now
+        )
+        counters.activations += 1
+        self.latencies_ns.append(moved_ns - event.ts_ns)
+        log.info(
+            "activated pid %d of uid %d: %s -> %s (tier %s) after accept on fd %d",
+            event.tgid,
+            event.uid,
+            home,
+            slot.path,
+            slot.tier,
+            event.fd,
+        )
+        self.on_slot_state(event.uid, slot.tier)
+        self.on_change()
+
+    def _refresh_owner_of(self, cgroup: str, now: float) -> None:
+        """A child of a placed process accepted inside its slot: count it as activity."""
+        for placement in self.placements.values():
+            if placement.slot == cgroup:
+                placement.last_accept = now
+                return
+
+    def _count_failure(
+        self, counters: UserCounters, outcome: MoveOutcome, pid: int, target: str
+    ) -> None:
+        if outcome is MoveOutcome.GONE:
+            counters.gone += 1
+            log.debug("pid %d exited before it could be moved", pid)
+        elif outcome is MoveOutcome.ZOMBIE:
+            counters.zombies += 1
+            log.debug("pid %d is a zombie; not moved", pid)
+        elif outcome is MoveOutcome.KERNEL_THREAD:
+            counters.kernel_threads += 1
+            log.debug("pid %d is a kernel thread; not moved", pid)
+        else:
+            counters.move_failures += 1
+            log.warning("moving pid %d to %s failed: %s", pid, target, outcome.value)
+
+    # -- control path ----------------------------------------------------------
+
+    def reclaim_idle(self, now: float | None = None) -> int:
+        """Send home every placed process idle for its user's timeout; return how many."""
+        now = time.monotonic() if now is None else now
+        count = 0
+        for placement in list(self.placements.values()):
+            slot = self.reconciler.pools.by_path(placement.slot)
+            if self.cg.cgroup_of(placement.tgid) != placement.slot:
+                self._forget(placement, slot, exited=True)
+                continue
+            if now - placement.last_accept >= self.idle_timeout(placement.uid):
+                self.send_home(placement, slot, reason="idle")
+                self.user(placement.uid).reclaims += 1
+                count += 1
+        return count
+
+    def send_home(self, placement: Placement, slot: Slot | None, reason: str) -> None:
+        """Move the placed process, and anything it started in the slot, home."""
+        pids = self.cg.procs(placement.slot) or [placement.tgid]
+        for pid in pids:
+            self.return_pid(pid, placement.home, placement.uid, reason)
+        self.cg.wait_unpopulated(placement.slot, 1.0)
+        self._forget(placement, slot, exited=False)
+
+    def return_pid(self, pid: int, home: str, uid: int, reason: str) -> str | None:
+        """Move pid to home, or to the nearest ancestor that accepts processes.
+
+        The home cgroup may have vanished (systemd removes an empty scope) or
+        gained children with controllers enabled while the process was away,
+        and the kernel then rejects the write (ENOENT or EBUSY). The broker
+        then walks up from home to the first ancestor that accepts processes
+        (no controllers enabled for children; the root always does) and logs
+        where the process went.
+        """
+        target = home
+        while True:
+            outcome = (
+                self.cg.move(pid, target)
+                if self.cg.accepts_processes(target) or target == "/"
+                else MoveOutcome.NOT_LEAF
+            )
+            if outcome is MoveOutcome.MOVED:
+                if target != home:
+                    self.user(uid).returned_elsewhere += 1
+                    log.warning(
+                        "pid %d could not return to %s; moved it to %s instead",
+                        pid,
+                        home,
+                        target,
+                    )
+                else:
+                    log.info(
+                        "returned pid %d of uid %d home to %s (%s)",
+                        pid,
+                        uid,
+                        home,
+                        reason,
+                    )
+                return target
+            if outcome in (
+                MoveOutcome.GONE,
+                MoveOutcome.ZOMBIE,
+                MoveOutcome.KERNEL_THREAD,
+            ):
+                return None
+            if target == "/":
+                log.error(
+                    "pid %d could not be moved out of its slot: %s", pid, outcome.value
+                )
+                return None
+            target = parent_of(target)
+
+    def _forget(self, placement: Placement, slot: Slot | None, exited: bool) -> None:
+        self.placements.pop(placement.tgid, None)
+        if exited:
+            self.user(placement.uid).exits += 1
+            log.info(
+                "pid %d of uid %d left slot %s",
+                placement.tgid,
+                placement.uid,
+                placement.slot,
+            )
+            leftovers = self.cg.procs(placement.slot)
+            for pid in leftovers:
+                self.return_pid(pid, placement.home, placement.uid, "owner exited")
+        if slot is not None:
+            self.reconciler.release(slot)
+        if not any(p.uid == placement.uid for p in self.placements.values()):
+            self.on_slot_state(placement.uid, None)
+        self.on_change()
+
+    def busy_tier(self, uid: int) -> str | None:
+        """Return the tier of one busy slot of uid, or None when all are free."""
+        for placement in self.placements.values():
+            if placement.uid == uid:
+                slot = self.reconciler.pools.by_path(placement.slot)
+                if slot is not None:
+                    return slot.tier
+        return None
+
+    def return_everyone(self, reason: str) -> int:
+        """Send every placed process home (used on stop); return how many."""
+        count = 0
+        for placement in list(self.placements.values()):
+            slot = self.reconciler.pools.by_path(placement.slot)
+            self.send_home(placement, slot, reason)
+            count += 1
+        return count
