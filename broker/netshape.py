@@ -22,6 +22,9 @@ API for the daemon:
     shaper.remove()                         # clean stop: qdisc, classes, filter
     shaper.close()                          # netlink socket and BPF object
 
+ShaperGroup runs one Shaper per interface of a policy with the same calls,
+and follows a reloaded policy with set_policy(policy.interfaces).
+
 Methods block on netlink and are serialised by a lock. They may be called
 from any thread, also one that runs an asyncio loop, because pyroute2 runs on
 a private thread with its own event loop (pyroute2's synchronous IPRoute
@@ -58,7 +61,7 @@ from pyroute2.netlink.rtnl import RTM_GETTCLASS, TC_H_ROOT
 from pyroute2.netlink.rtnl.tcmsg import tcmsg
 
 from broker import units
-from broker.errors import NetshapeError
+from broker.errors import BrokerError, NetshapeError
 from broker.policy import ClassRates, InterfacePolicy
 
 log = logging.getLogger(__name__)
@@ -1093,17 +1096,20 @@ class Shaper:
     def set_user_state(self, uid: int, tier: str | None) -> bool:
         """Give uid the warm tier's rates while a slot is busy; None drops back.
 
-        The daemon passes the tier of a busy slot on activation and None when
-        the user's last slot is reclaimed. A tier without rates on this
-        interface leaves the idle user rates. Returns True when the kernel
-        class changed. For a uid that apply() has not given a class yet, the
-        state is kept for the next apply().
+        The daemon passes the tier of each slot it activates, and None when
+        the user's last slot is reclaimed. While a user is in one tier, a
+        tier with lower rates on this interface does not replace it, so a
+        light slot that becomes busy next to a heavy one keeps the heavy
+        rates. A tier without rates here leaves the idle user rates. Returns
+        True when the kernel class changed. For a uid that apply() has not
+        given a class yet, the state is kept for the next apply().
         """
         with self._lock:
             if tier is None:
                 self._states.pop(uid, None)
             else:
-                self._states[uid] = tier
+                self._states[uid] = self._stronger_tier(self._states.get(uid), tier)
+                tier = self._states[uid]
             classid = self.table.classid(uid)
             if classid is None or self._link is None:
                 log.debug(
@@ -1114,6 +1120,15 @@ class Shaper:
                 )
                 return False
             return self._update_user_class(uid, classid, tier)
+
+    def _stronger_tier(self, current: str | None, new: str) -> str:
+        """Return the tier with the higher (rate, ceil) on this interface."""
+
+        def strength(tier: str | None) -> tuple[int, int]:
+            rates, _ = user_rates(self.policy, tier)
+            return rates.rate, rates.ceil
+
+        return new if current is None or strength(new) > strength(current) else current
 
     def _update_user_class(self, uid: int, classid: int, tier: str | None) -> bool:
         link = self._link
@@ -1284,3 +1299,89 @@ class Shaper:
             report.filter,
             report.seconds,
         )
+
+
+# --------------------------------------------------------------------------
+# Every interface of a policy
+# --------------------------------------------------------------------------
+
+
+class ShaperGroup:
+    """One Shaper per shaped interface of the policy, driven together.
+
+    An error on one interface is logged and does not stop the others:
+    apply() raises the first error after it has tried every interface, and
+    set_user_state(), which runs on the daemon's event path, only logs.
+    """
+
+    def __init__(
+        self, interfaces: Iterable[InterfacePolicy], *, netns: str | None = None
+    ):
+        self._netns = netns
+        self.shapers: dict[str, Shaper] = {}
+        self.set_policy(interfaces)
+
+    def set_policy(self, interfaces: Iterable[InterfacePolicy]) -> None:
+        """Follow a reloaded policy: add, update and remove interfaces.
+
+        An interface that left the policy loses its tree at once. The others
+        use their new rates from the next apply().
+        """
+        wanted = {iface.name: iface for iface in interfaces}
+        for name in [n for n in self.shapers if n not in wanted]:
+            shaper = self.shapers.pop(name)
+            log.info("%s: no longer in the policy; removing its tc tree", name)
+            try:
+                shaper.remove()
+            finally:
+                shaper.close()
+        for name, iface in wanted.items():
+            if name in self.shapers:
+                self.shapers[name].set_policy(iface)
+            else:
+                self.shapers[name] = Shaper(iface, netns=self._netns)
+
+    def apply(self, managed_uids: Iterable[int]) -> list[ApplyReport]:
+        """Run apply() on every interface; raise the first error at the end."""
+        uids = list(managed_uids)
+        reports, errors = [], []
+        for name, shaper in self.shapers.items():
+            try:
+                reports.append(shaper.apply(uids))
+            except BrokerError as exc:
+                log.error("%s: apply failed: %s", name, exc)
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+        return reports
+
+    def set_user_state(self, uid: int, tier: str | None) -> None:
+        """Run set_user_state() on every interface; log errors, raise none."""
+        for name, shaper in self.shapers.items():
+            try:
+                shaper.set_user_state(uid, tier)
+            except BrokerError as exc:
+                log.error("%s: rates of uid %s for tier %s: %s", name, uid, tier, exc)
+
+    def stats(self) -> list[ClassStats]:
+        rows: list[ClassStats] = []
+        for shaper in self.shapers.values():
+            rows.extend(shaper.stats())
+        return rows
+
+    def remove(self) -> None:
+        """Remove every interface's tree; raise the first error at the end."""
+        errors = []
+        for name, shaper in self.shapers.items():
+            try:
+                shaper.remove()
+            except BrokerError as exc:
+                log.error("%s: removing the tc tree failed: %s", name, exc)
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def close(self) -> None:
+        for shaper in self.shapers.values():
+            shaper.close()
+        self.shapers.clear()

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from broker.errors import NetshapeError
-from broker.netshape import Shaper
+from broker.netshape import Shaper, ShaperGroup
 from broker.policy import ClassRates, InterfacePolicy, load_texts
 from tests.tcshow import TcClass, parse_classes, parse_qdiscs
 
@@ -408,6 +408,66 @@ def test_warm_tier_raises_and_drops_rate(pair: NetPair, shapers: list[Shaper]) -
     assert (boosted.rate, boosted.ceil) == (80 * MBIT, 200 * MBIT)
     assert (idle.rate, idle.ceil) == (5 * MBIT, 20 * MBIT)
     assert classes(pair)[home_handle(USER_B)].rate == 5 * MBIT
+
+
+def test_weaker_tier_keeps_stronger(pair: NetPair, shapers: list[Shaper]) -> None:
+    tiers = (
+        ("light", ClassRates(10 * MBIT, 50 * MBIT)),
+        ("heavy", ClassRates(80 * MBIT, 200 * MBIT)),
+    )
+    shaper = new_shaper(shapers, pair, iface_policy(pair.dev, tiers=tiers))
+    shaper.apply([USER_A])
+    handle = home_handle(USER_A)
+
+    shaper.set_user_state(USER_A, "heavy")
+    changed = shaper.set_user_state(USER_A, "light")
+    kept = classes(pair)[handle]
+    shaper.set_user_state(USER_A, None)
+    shaper.set_user_state(USER_A, "light")
+    light = classes(pair)[handle]
+
+    assert changed is False
+    assert (kept.rate, kept.ceil) == (80 * MBIT, 200 * MBIT)
+    assert (light.rate, light.ceil) == (10 * MBIT, 50 * MBIT)
+
+
+def test_group_follows_policy(pair: NetPair) -> None:
+    second = "bsh2" + pair.dev[3:]
+    run(
+        "ip",
+        "-n",
+        pair.shaped,
+        "link",
+        "add",
+        second,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "peer1",
+        "netns",
+        pair.peer_ns,
+    )
+    heavy = (("heavy", ClassRates(80 * MBIT, 200 * MBIT)),)
+    first_policy = iface_policy(pair.dev, tiers=heavy)
+    group = ShaperGroup([first_policy, iface_policy(second)], netns=pair.shaped)
+    try:
+        reports = group.apply([USER_A])
+        group.set_policy([first_policy])
+        group.set_user_state(USER_A, "heavy")
+        rows = group.stats()
+        group.remove()
+    finally:
+        group.close()
+
+    second_qdiscs = run("tc", "-n", pair.shaped, "qdisc", "show", "dev", second)
+    assert [r.interface for r in reports] == [pair.dev, second]
+    assert "htb" not in second_qdiscs
+    assert "htb" not in tc(pair, "qdisc", "show")
+    boosted = [r for r in rows if r.uid == USER_A]
+    assert [(r.interface, r.tier, r.rate) for r in boosted] == [
+        (pair.dev, "heavy", 80 * MBIT)
+    ]
 
 
 def test_second_apply_is_noop(pair: NetPair, shapers: list[Shaper]) -> None:
