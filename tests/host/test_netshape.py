@@ -4,8 +4,9 @@ Each test creates two network namespaces joined by a veth pair, shapes the
 veth end in the first one and sends TCP traffic from there to a receiver in
 the second one. Senders are Python processes that drop to a test uid before
 they open their socket, so the socket's owner uid is that uid. The kernel's
-state is read back through iproute2's tc and bpftool, parsed by the test
-itself, never through the code under test.
+state is read back through iproute2's tc, parsed by the test itself, and
+the classifier's map through libbpf's syscall wrappers, never through the
+code under test.
 
 Needs root (network namespaces, BPF) and `make bpf`. Skips otherwise, except
 with CI=true, where a missing precondition fails the run.
@@ -13,11 +14,13 @@ with CI=true, where a missing precondition fails the run.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import itertools
 import json
 import os
 import re
+import struct
 import subprocess
 import sys
 import time
@@ -53,7 +56,7 @@ def _preconditions() -> None:
 
 
 # --------------------------------------------------------------------------
-# Namespaces, tc and bpftool
+# Namespaces, tc and BPF maps
 # --------------------------------------------------------------------------
 
 _serial = itertools.count(1)
@@ -188,10 +191,53 @@ def classifier_map(net: NetPair) -> dict[int, int]:
     filters = tc(net, "filter", "show", "parent", "1:")
     ids = re.findall(r"direct-action.* id (\d+) name classify_uid", filters)
     assert len(ids) == 1, f"expected one classify_uid filter:\n{filters}"
-    prog = json.loads(run("bpftool", "-j", "prog", "show", "id", ids[0]))
-    (map_id,) = prog["map_ids"]
-    entries = json.loads(run("bpftool", "-j", "map", "dump", "id", str(map_id)))
-    return {e["formatted"]["key"]: e["formatted"]["value"] for e in entries}
+    return read_prog_map(int(ids[0]))
+
+
+# struct bpf_prog_info in linux/bpf.h, up to map_ids.
+_PROG_INFO = struct.Struct("=II8sIIQQQIIQ")
+
+
+def read_prog_map(prog_id: int) -> dict[int, int]:
+    """Return the u32 -> u32 entries of the one map of a loaded BPF program.
+
+    Goes through libbpf's thin syscall wrappers (libbpf.so.1), not through
+    the broker's loader, so that the test reads the kernel independently.
+    """
+    lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
+    prog_fd = lib.bpf_prog_get_fd_by_id(ctypes.c_uint32(prog_id))
+    assert prog_fd >= 0, f"bpf_prog_get_fd_by_id({prog_id}) failed"
+    try:
+        map_ids = (ctypes.c_uint32 * 1)()
+        request = _PROG_INFO.pack(
+            0, 0, b"", 0, 0, 0, 0, 0, 0, 1, ctypes.addressof(map_ids)
+        )
+        info = ctypes.create_string_buffer(request, len(request))
+        length = ctypes.c_uint32(_PROG_INFO.size)
+        assert lib.bpf_obj_get_info_by_fd(prog_fd, info, ctypes.byref(length)) == 0
+        assert _PROG_INFO.unpack(info.raw)[9] == 1, "expected one map"
+    finally:
+        os.close(prog_fd)
+    map_fd = lib.bpf_map_get_fd_by_id(ctypes.c_uint32(map_ids[0]))
+    assert map_fd >= 0, f"bpf_map_get_fd_by_id({map_ids[0]}) failed"
+    try:
+        return _map_entries(lib, map_fd)
+    finally:
+        os.close(map_fd)
+
+
+def _map_entries(lib: ctypes.CDLL, map_fd: int) -> dict[int, int]:
+    entries = {}
+    key, following, value = ctypes.c_uint32(), ctypes.c_uint32(), ctypes.c_uint32()
+    previous = None
+    while lib.bpf_map_get_next_key(map_fd, previous, ctypes.byref(following)) == 0:
+        key.value = following.value
+        assert (
+            lib.bpf_map_lookup_elem(map_fd, ctypes.byref(key), ctypes.byref(value)) == 0
+        )
+        entries[key.value] = value.value
+        previous = ctypes.byref(key)
+    return entries
 
 
 # --------------------------------------------------------------------------
