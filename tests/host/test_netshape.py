@@ -393,6 +393,31 @@ def test_traffic_lands_in_user_classes(pair: NetPair, shapers: list[Shaper]) -> 
     assert htb_root(pair)["direct_packets_stat"] == "0"
 
 
+def test_stats_match_tc(pair: NetPair, shapers: list[Shaper]) -> None:
+    policy = iface_policy(pair.dev, user=ClassRates(100 * MBIT, 1000 * MBIT))
+    shaper = new_shaper(shapers, pair, policy)
+    shaper.apply([USER_A, USER_B])
+    transfer(pair, [(USER_A, 30.0, 700_000)])
+
+    rows = {row.handle: row for row in shaper.stats()}
+    found = classes(pair)
+    direct = shaper.direct_packets()
+
+    assert sorted(rows) == sorted(found)
+    for handle, row in rows.items():
+        assert (row.rate, row.ceil) == (found[handle].rate, found[handle].ceil)
+    for uid in (USER_A, USER_B):
+        row, tc_row = rows[home_handle(uid)], found[home_handle(uid)]
+        assert row.uid == uid
+        assert row.role == "user"
+        assert (row.bytes, row.packets) == (tc_row.sent_bytes, tc_row.sent_packets)
+        assert row.drops == tc_row.dropped
+    assert rows[home_handle(USER_A)].bytes >= 700_000
+    assert (rows["1:1"].role, rows["1:2"].role) == ("root", "default")
+    assert direct == int(htb_root(pair)["direct_packets_stat"])
+    assert json.dumps(rows[home_handle(USER_A)].as_dict())
+
+
 def test_classifier_map_matches_classes(pair: NetPair, shapers: list[Shaper]) -> None:
     shaper = new_shaper(shapers, pair, iface_policy(pair.dev))
     shaper.apply([USER_A, USER_B])
@@ -526,6 +551,22 @@ def test_second_apply_is_noop(pair: NetPair, shapers: list[Shaper]) -> None:
     assert report.writes == 0
     assert report.qdisc == "kept"
     assert tc(pair, "class", "show") == before
+
+
+def test_new_shaper_adopts_tree(pair: NetPair, shapers: list[Shaper]) -> None:
+    policy = iface_policy(pair.dev)
+    first = new_shaper(shapers, pair, policy)
+    first.apply([USER_A, USER_B])
+    first.close()
+    before = tc(pair, "class", "show")
+
+    report = new_shaper(shapers, pair, policy).apply([USER_A, USER_B])
+
+    assert report.qdisc == "kept"
+    assert (report.added, report.changed, report.deleted) == ((), (), ())
+    assert report.filter == "attached"
+    assert tc(pair, "class", "show") == before
+    assert set(classifier_map(pair)) == {USER_A, USER_B}
 
 
 def test_rate_change_in_place(pair: NetPair, shapers: list[Shaper]) -> None:
