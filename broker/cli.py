@@ -17,6 +17,7 @@ from broker import __version__
 from broker import policy as policy_mod
 from broker import state as state_mod
 from broker.errors import BrokerError, PolicyError
+from broker.units import format_rate
 
 log = logging.getLogger("broker")
 
@@ -255,6 +256,12 @@ def format_status(status: dict[str, Any]) -> str:
             f"{counters['activations']:>6} {counters['misses']:>5} {counters['reclaims']:>5} "
             f"{user['open_connections']:>5} {user['drops']:>5}  {placed}"
         )
+        for row in user.get("bandwidth", []):
+            lines.append(
+                f"{'':<12} {'':>6} class {row['handle']} on {row['interface']}: "
+                f"rate {format_rate(row['rate'])} ceil {format_rate(row['ceil'])} "
+                f"({row['tier'] or 'idle'}), sent {row['bytes']} B, drops {row['drops']}"
+            )
     return "\n".join(lines)
 
 

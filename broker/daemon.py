@@ -20,6 +20,7 @@ import os
 import signal
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from broker import policy as policy_mod
 from broker import state as state_mod
 from broker.cgroups import CgroupFS, join, parent_of
 from broker.errors import BrokerError, PolicyError
+from broker.netshape import ShaperGroup
 from broker.policy import Policy, UserPolicy
 from broker.probes import AcceptProbe
 from broker.reconciler import DAEMON_LEAF, USERS_DIR, Reconciler
@@ -39,6 +41,7 @@ from broker.trigger import Trigger
 log = logging.getLogger(__name__)
 
 USER_REFRESH_SECONDS = 30.0
+CLASS_STATS_SECONDS = 5.0
 
 
 @dataclass
@@ -102,6 +105,14 @@ class Daemon:
         self.features: features_mod.Features | None = None
         self._dirty = False
         self._last_user_refresh = 0.0
+        self.shaper: ShaperGroup | None = None
+        # Netlink calls block for milliseconds to a fraction of a second, so
+        # they run on one worker thread, in the order they were submitted.
+        self.netshape_worker = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="netshape"
+        )
+        self.class_stats: list[dict[str, Any]] = []
+        self._last_class_stats = 0.0
 
     # -- start ---------------------------------------------------------------
 
@@ -154,9 +165,13 @@ class Daemon:
             self.reconciler,
             idle_timeout=self.idle_timeout,
             on_change=self.mark_dirty,
+            on_slot_state=self.on_slot_state,
         )
+        if self.policy.interfaces:
+            self.shaper = ShaperGroup(self.policy.interfaces)
         self.readopt()
         self.refresh_users(force=True)
+        self.netshape_worker.submit(lambda: None).result()  # first tc apply done
         self.probe = AcceptProbe(ring_entries=self.options.ring_entries)
         self.probe.attach()
         self.probe.set_managed_uids(self.users)
@@ -220,6 +235,7 @@ class Daemon:
         try:
             self.trigger.reclaim_idle()
             self.refresh_users()
+            self.refresh_class_stats()
         except BrokerError as exc:
             log.error("control tick: %s", exc)
         self.write_state()
@@ -238,6 +254,8 @@ class Daemon:
         if users.keys() != self.users.keys() and self.probe is not None:
             self.probe.set_managed_uids(users)
         self.users = users
+        if self.shaper is not None:
+            self.in_netshape_worker(self.shaper.apply, list(users))
         if any(changes.values()):
             log.info("pools applied for %d user(s): %s", len(users), changes)
             self.mark_dirty()
@@ -258,6 +276,7 @@ class Daemon:
             self.notifier.ready(self.status_line())
             return
         self.policy = new_policy
+        self.update_shaper(new_policy)
         self.policy_loaded_at = time.time()
         self.last_reload_error = []
         log.info("policy reloaded: %s", new_policy.summary())
@@ -266,6 +285,42 @@ class Daemon:
         except BrokerError as exc:
             log.error("applying the reloaded policy failed: %s", exc)
         self.notifier.ready(self.status_line())
+
+    # -- bandwidth classes -----------------------------------------------------
+
+    def in_netshape_worker(self, function: Any, *args: Any) -> None:
+        """Run a netshape call on the worker thread; log its errors."""
+
+        def call() -> None:
+            try:
+                function(*args)
+            except BrokerError as exc:
+                log.error("bandwidth classes: %s", exc)
+
+        self.netshape_worker.submit(call)
+
+    def on_slot_state(self, uid: int, tier: str | None) -> None:
+        """Raise a user's class to the warm tier's rates, or drop it back (tier None)."""
+        if self.shaper is not None:
+            self.in_netshape_worker(self.shaper.set_user_state, uid, tier)
+
+    def update_shaper(self, policy: Policy) -> None:
+        if self.shaper is None and policy.interfaces:
+            self.shaper = ShaperGroup(policy.interfaces)
+        elif self.shaper is not None:
+            self.in_netshape_worker(self.shaper.set_policy, policy.interfaces)
+
+    def refresh_class_stats(self) -> None:
+        now = time.monotonic()
+        if self.shaper is None or now - self._last_class_stats < CLASS_STATS_SECONDS:
+            return
+        self._last_class_stats = now
+        shaper = self.shaper
+
+        def collect() -> None:
+            self.class_stats = [row.as_dict() for row in shaper.stats()]
+
+        self.in_netshape_worker(collect)
 
     # -- status ----------------------------------------------------------------
 
@@ -346,6 +401,7 @@ class Daemon:
             "accepts": probe_counters.accepts if probe_counters else 0,
             "open_connections": probe_counters.open if probe_counters else 0,
             "drops": probe_counters.drops if probe_counters else 0,
+            "bandwidth": [row for row in self.class_stats if row.get("uid") == uid],
         }
 
     # -- stop ------------------------------------------------------------------
@@ -359,6 +415,14 @@ class Daemon:
         if self.probe is not None:
             self.probe.close()
             self.probe = None
+        self.netshape_worker.shutdown(wait=True)
+        if self.shaper is not None:
+            try:
+                self.shaper.remove()
+            except BrokerError as exc:
+                log.error("removing bandwidth classes failed: %s", exc)
+            self.shaper.close()
+            self.shaper = None
         if self.reconciler is not None and not self.options.dry_run:
             failed = self.reconciler.remove_all()
             if failed:
