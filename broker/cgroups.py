@@ -51,7 +51,7 @@ PF_KTHREAD = 0x00200000
 
 
 class MoveOutcome(Enum):
-    """What happened to one pid handed to CgroupFS.move()."""
+    """Result of handing one pid to CgroupFS.move()."""
 
     MOVED = "moved"
     GONE = "gone"  # exited before the write (ESRCH)
@@ -254,7 +254,7 @@ class CgroupFS:
         """Enable controllers for cgroup's children.
 
         Raises ControllerMissingError naming the level that lacks one, and
-        CgroupError naming the pids if cgroup itself holds processes (the
+        CgroupError naming the pids if cgroup itself contains processes (the
         kernel would reject the write with EBUSY).
         """
         missing = wanted - self.subtree_control(cgroup)

@@ -16,7 +16,7 @@ class BrokerError(Exception):
 
 
 class PolicyError(BrokerError):
-    """One or more problems in policy files; `problems` holds each one."""
+    """One or more problems in policy files, listed in `problems`."""
 
     def __init__(self, problems: list["PolicyProblem"]):
         self.problems = problems

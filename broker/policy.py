@@ -1,10 +1,10 @@
 """Load and validate YAML policies into frozen, typed objects.
 
 Files are composed into YAML nodes first, so every problem can name its file
-and line, duplicate keys are caught (PyYAML's own loader keeps the last one
-silently), and YAML 1.1 surprises are caught on the raw text: an unquoted
-`no` or `off` that became a boolean, or a uid such as `0755` that YAML reads
-as octal. All problems of all files are collected and raised together as one
+and line. Duplicate keys are caught there, which PyYAML's own loader would
+resolve silently to the last one. YAML 1.1 surprises are caught on the raw
+text: an unquoted `no` or `off` that became a boolean, or a uid such as
+`0755` that YAML reads as octal. All problems of all files are collected and raised together as one
 PolicyError, in the form `FILE:LINE: field: problem; fix`.
 """
 
@@ -82,7 +82,7 @@ class Tier:
 
 @dataclass(frozen=True)
 class UserMatch:
-    """How a policy entry selects Unix users: exactly one field is set."""
+    """Selector of Unix users in a policy entry; exactly one field is set."""
 
     name: str | None = None
     uid: int | None = None
@@ -165,7 +165,7 @@ class ForecastPolicy:
     window: int = 256  # max samples per user in the training window
     horizon_min: float = 10.0
     horizon_max: float = 300.0
-    service_time: float = 1.0  # seconds a connection holds a slot, if not measured
+    service_time: float = 1.0  # seconds a connection occupies a slot, if not measured
     memory_min_share: float = 0.5  # cap: sum of memory.min over all slots / RAM
     anomaly_sigma: float = 4.0
     weights: tuple[tuple[str, float], ...] = (

@@ -2,7 +2,7 @@
 
 on_accept() runs in the asyncio loop for every ring-buffer event. It reads
 at most two small files of the accepting process (/proc/PID/stat and
-/proc/PID/cgroup) and writes its pid to one cgroup.procs; it never loads
+/proc/PID/cgroup) and writes its pid to one cgroup.procs. It never loads
 YAML, fits a model or scans /proc.
 
 reclaim_idle() runs on the control tick: a placed process with no accept for
@@ -118,7 +118,7 @@ class Trigger:
         self.on_change()
 
     def _refresh_owner_of(self, cgroup: str, now: float) -> None:
-        """A child of a placed process accepted inside its slot: count it as activity."""
+        """Refresh the idle timer of the slot in which a placed process's child accepted."""
         for placement in self.placements.values():
             if placement.slot == cgroup:
                 placement.last_accept = now
@@ -172,8 +172,8 @@ class Trigger:
         gained children with controllers enabled while the process was away,
         and the kernel then rejects the write (ENOENT or EBUSY). The broker
         then walks up from home to the first ancestor that accepts processes
-        (no controllers enabled for children; the root always does) and logs
-        where the process went.
+        and logs where the process went. A cgroup accepts processes when it
+        has no controllers enabled for its children, and the root always does.
         """
         target = home
         while True:

@@ -1,8 +1,8 @@
 """Parse sizes, durations and rates written in policies.
 
 Each parser takes the raw text and returns one internal unit: bytes, seconds
-or bit/s. Each raises ValueError with a message that says what to write
-instead; the policy loader adds the file and line.
+or bit/s. Each raises ValueError with a message that suggests what to write
+instead, and the policy loader adds the file and line.
 """
 
 from __future__ import annotations

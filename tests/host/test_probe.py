@@ -116,7 +116,7 @@ def test_probe_event_fields(probe):
 
 
 def test_probe_counts_ring_buffer_drops(probe):
-    # One page holds 128 records of 32 bytes (24-byte event plus 8-byte header),
+    # One page fits 128 records of 32 bytes (24-byte event plus 8-byte header),
     # so a burst of 1000 accepts read only afterwards must overflow it.
     instance = probe(ring_entries=os.sysconf("SC_PAGE_SIZE"))
     instance.set_managed_uids([MANAGED_UID])
