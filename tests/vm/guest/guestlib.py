@@ -24,8 +24,8 @@ PYTHON = "/usr/bin/python3"
 
 
 def in_guest() -> bool:
-    """Return True inside the test VM (the rig sets BROKER_GUEST=1)."""
-    return os.environ.get("BROKER_GUEST") == "1"
+    """Return True inside the test VM (the rig sets BROKER_VM_GUEST=1)."""
+    return os.environ.get("BROKER_VM_GUEST") == "1"
 
 
 def sh(
