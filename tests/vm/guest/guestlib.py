@@ -196,6 +196,7 @@ def journal(since: str) -> str:
 
 def results_dir() -> Path:
     """Directory shared with the host for measurements (the rig's share)."""
-    path = Path(os.environ.get("BROKER_RESULTS_DIR", "/tmp/broker-results"))
+    share = os.environ.get("BROKER_VM_SHARE")
+    path = Path(share) / "results" if share else Path("/tmp/broker-results")
     path.mkdir(parents=True, exist_ok=True)
     return path
