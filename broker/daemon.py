@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import statistics
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,13 +35,15 @@ from broker.errors import BrokerError, PolicyError
 from broker.netshape import ShaperGroup
 from broker.policy import Policy, UserPolicy
 from broker.probes import AcceptProbe
-from broker.reconciler import DAEMON_LEAF, USERS_DIR, Reconciler
+from broker.reconciler import HOLDER_LEAF, USERS_DIR, Reconciler
 from broker.sdnotify import Notifier, watchdog_interval
 from broker.trigger import Trigger
 
 log = logging.getLogger(__name__)
 
 USER_REFRESH_SECONDS = 30.0
+SLOTS_UNIT = "broker-slots.service"
+SLOTS_UNIT_CGROUP = "/system.slice/broker-slots.service"
 CLASS_STATS_SECONDS = 5.0
 
 
@@ -56,21 +59,53 @@ class DaemonOptions:
     ring_entries: int | None = None
 
 
-def resolve_root(cg: CgroupFS, explicit: str | None) -> tuple[str, bool]:
-    """Return the delegated root and whether the daemon must move itself into its leaf."""
+def resolve_root(cg: CgroupFS, explicit: str | None) -> str:
+    """Return the delegated cgroup that holds the slots.
+
+    By default that is the cgroup of broker-slots.service, a unit with
+    Delegate=yes and only a placeholder process. The slots live apart from
+    the daemon's own unit because systemd (before version 254) cannot start a
+    unit's process again in a cgroup that has controllers enabled for its
+    children: a restarted daemon would fail with status 219/CGROUP while
+    users' processes still sit in slots. "self" selects the daemon's own
+    cgroup, for a transient scope (`systemd-run --scope -p Delegate=yes`).
+    """
+    if explicit == "self":
+        own = cg.cgroup_of(os.getpid())
+        if own is None or own == "/":
+            raise BrokerError(
+                "--cgroup-root self: the daemon runs in the root cgroup; start it in a delegated scope"
+            )
+        if own.rsplit("/", 1)[-1] == HOLDER_LEAF and cg.exists(
+            join(parent_of(own), USERS_DIR)
+        ):
+            return parent_of(own)
+        return own
     if explicit:
-        return explicit.rstrip("/") or "/", False
-    own = cg.cgroup_of(os.getpid())
-    if own is None or own == "/":
+        return explicit.rstrip("/") or "/"
+    root = _unit_cgroup(SLOTS_UNIT) or SLOTS_UNIT_CGROUP
+    if not cg.exists(root):
         raise BrokerError(
-            "the daemon runs in the root cgroup; start it from broker.service "
-            "(Delegate=yes) or pass --cgroup-root with a delegated cgroup"
+            f"cgroup {root} of {SLOTS_UNIT} not found: start it "
+            f"(systemctl start {SLOTS_UNIT}) or pass --cgroup-root"
         )
-    if own.rsplit("/", 1)[-1] == DAEMON_LEAF and cg.exists(
-        join(parent_of(own), USERS_DIR)
-    ):
-        return parent_of(own), False  # restarted inside the leaf of a previous run
-    return own, True
+    return root
+
+
+def _unit_cgroup(unit: str) -> str | None:
+    """Return a unit's cgroup path as systemd reports it, or None."""
+    try:
+        result = subprocess.run(
+            ["systemctl", "show", "--property=ControlGroup", "--value", unit],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    path = result.stdout.strip()
+    return path if result.returncode == 0 and path.startswith("/") else None
 
 
 def is_delegated(cg: CgroupFS, root: str) -> bool:
@@ -146,7 +181,7 @@ class Daemon:
         return 0
 
     def start_kernel_side(self) -> None:
-        root, move_self = resolve_root(self.cg, self.options.cgroup_root)
+        root = resolve_root(self.cg, self.options.cgroup_root)
         if not is_delegated(self.cg, root):
             log.warning(
                 "cgroup %s is not marked as delegated; run under broker.service with Delegate=yes",
@@ -155,9 +190,6 @@ class Daemon:
         self.reconciler = Reconciler(self.cg, root, dry_run=self.options.dry_run)
         assert self.policy is not None
         want_io = any(t.io_weight is not None for t in self.policy.tiers)
-        if move_self and not self.options.dry_run:
-            self.cg.mkdir(join(root, DAEMON_LEAF))
-            self.cg.move(os.getpid(), join(root, DAEMON_LEAF))
         self.reconciler.prepare(want_io)
         self.reconciler.adopt_existing()
         self.trigger = Trigger(
@@ -325,17 +357,26 @@ class Daemon:
     # -- status ----------------------------------------------------------------
 
     def mark_dirty(self) -> None:
-        self._dirty = True
-        asyncio.get_running_loop().call_soon(self.write_state)
+        """Save placements once the current burst of events is handled.
+
+        Only the small placements file is written here, so a restarted daemon
+        can re-adopt every process; the status files wait for the tick.
+        """
+        if not self._dirty:
+            self._dirty = True
+            asyncio.get_running_loop().call_soon(self.save_placements)
+
+    def save_placements(self) -> None:
+        if self.trigger is not None and self._dirty:
+            self._dirty = False
+            state_mod.save_placements(
+                self.state_dir, list(self.trigger.placements.values())
+            )
 
     def write_state(self) -> None:
         if self.trigger is None:
             return
-        if self._dirty:
-            state_mod.save_placements(
-                self.state_dir, list(self.trigger.placements.values())
-            )
-            self._dirty = False
+        self.save_placements()
         status = self.status()
         state_mod.save_status(self.state_dir, status)
         state_mod.write_atomic(
@@ -373,6 +414,7 @@ class Daemon:
                 "features": self.features.lines() if self.features else [],
             },
             "latency_us": latency_summary(list(self.trigger.latencies_ns)),
+            "delivery_us": latency_summary(list(self.trigger.delivery_ns)),
             "users": users,
         }
 
@@ -427,31 +469,15 @@ class Daemon:
             failed = self.reconciler.remove_all()
             if failed:
                 log.error("could not remove %s", ", ".join(failed))
-            self.leave_daemon_leaf()
+            try:
+                self.reconciler.release_root()
+            except BrokerError as exc:
+                log.warning("releasing %s failed: %s", self.reconciler.root, exc)
         if self.trigger is not None:
             self.trigger.placements.clear()
             self._dirty = True
             self.write_state()
         log.info("broker stopped")
-
-    def leave_daemon_leaf(self) -> None:
-        """Move the daemon back to the root and remove its leaf, if it moved itself."""
-        assert self.reconciler is not None
-        root = self.reconciler.root
-        if self.cg.cgroup_of(os.getpid()) != self.reconciler.daemon_leaf:
-            return
-        try:
-            controllers = self.cg.subtree_control(root)
-            if controllers:
-                self.cg.write(
-                    root,
-                    "cgroup.subtree_control",
-                    " ".join(f"-{c}" for c in sorted(controllers)),
-                )
-            self.cg.move(os.getpid(), root)
-            self.cg.rmdir(self.reconciler.daemon_leaf)
-        except BrokerError as exc:
-            log.warning("leaving the daemon leaf failed: %s", exc)
 
 
 def latency_summary(samples: list[int]) -> dict[str, float | int | None]:

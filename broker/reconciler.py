@@ -1,9 +1,15 @@
 """Make the broker's cgroup subtree match the desired pools.
 
-Layout under the delegated root (the unit's cgroup under systemd):
+Layout under the delegated root (broker-slots.service's cgroup under systemd):
 
-    ROOT/daemon                      leaf holding the daemon itself
+    ROOT/holder                      leaf for the processes that were in ROOT
     ROOT/users/uid-UID/TIER-N        one leaf per warm slot
+
+ROOT must not contain processes once controllers are enabled for its
+children, so prepare() moves whatever runs in ROOT into the holder leaf:
+the placeholder process of broker-slots.service, or the daemon itself when
+it runs in its own delegated scope (`broker run --cgroup-root self`).
+release_root() undoes this on a clean stop, so the unit can start again.
 
 Interior cgroups never hold processes, so controllers can be enabled on
 them, and every slot is a leaf, so processes can be moved in. memory.min and
@@ -35,7 +41,7 @@ from broker.policy import Tier
 
 log = logging.getLogger(__name__)
 
-DAEMON_LEAF = "daemon"
+HOLDER_LEAF = "holder"
 USERS_DIR = "users"
 BASE_CONTROLLERS = {"cpu", "memory"}
 _SLOT_NAME = re.compile(r"^(?P<tier>[A-Za-z0-9_.-]+)-(?P<index>\d+)$")
@@ -104,7 +110,7 @@ class Reconciler:
         self.cg = cg
         self.root = root
         self.users_dir = join(root, USERS_DIR)
-        self.daemon_leaf = join(root, DAEMON_LEAF)
+        self.holder_leaf = join(root, HOLDER_LEAF)
         self.dry_run = dry_run
         self.pools = PoolTable()
         self.controllers: set[str] = set(BASE_CONTROLLERS)
@@ -112,11 +118,20 @@ class Reconciler:
     # -- setup -----------------------------------------------------------------
 
     def prepare(self, want_io: bool) -> None:
-        """Create the daemon leaf and users dir, and enable controllers top-down."""
+        """Create the holder leaf and users dir, and enable controllers top-down."""
         available = self.cg.controllers(self.root)
         if want_io and "io" in available:
             self.controllers.add("io")
-        self.cg.mkdir(self.daemon_leaf)
+        self.cg.mkdir(self.holder_leaf)
+        for pid in self.cg.procs(self.root):
+            outcome = self.cg.move(pid, self.holder_leaf)
+            log.info(
+                "moved pid %d from %s to %s: %s",
+                pid,
+                self.root,
+                self.holder_leaf,
+                outcome.value,
+            )
         self.cg.mkdir(self.users_dir)
         self.cg.enable_controllers(self.root, self.controllers)
         self.cg.enable_controllers(self.users_dir, self.controllers)
@@ -252,6 +267,31 @@ class Reconciler:
 
     # -- teardown --------------------------------------------------------------
 
+    def release_root(self) -> None:
+        """Disable controllers in root and move the holder's processes back into it.
+
+        A unit whose cgroup has controllers enabled for its children cannot
+        start a process in it again (the kernel's no-internal-process rule),
+        so a clean stop leaves root as systemd created it.
+        """
+        if self.cg.children(self.users_dir):
+            log.warning(
+                "not releasing %s: slots remain under %s", self.root, self.users_dir
+            )
+            return
+        if self.cg.exists(self.users_dir):
+            self.cg.rmdir(self.users_dir)
+        enabled = self.cg.subtree_control(self.root)
+        if enabled:
+            self.cg.write(
+                self.root,
+                "cgroup.subtree_control",
+                " ".join(f"-{c}" for c in sorted(enabled)),
+            )
+        for pid in self.cg.procs(self.holder_leaf):
+            self.cg.move(pid, self.root)
+        self.cg.rmdir(self.holder_leaf)
+
     def remove_all(self) -> list[str]:
         """Remove every slot and user dir; return the paths that could not be removed."""
         failed = []
@@ -275,9 +315,4 @@ class Reconciler:
             except CgroupError as exc:
                 failed.append(path)
                 log.error("%s", exc)
-        try:
-            self.cg.rmdir(self.users_dir)
-        except CgroupError as exc:
-            failed.append(self.users_dir)
-            log.error("%s", exc)
         return failed

@@ -53,7 +53,10 @@ class Trigger:
     on_slot_state: Callable[[int, str | None], None] = lambda uid, tier: None
     placements: dict[int, Placement] = field(default_factory=dict)
     counters: dict[int, UserCounters] = field(default_factory=dict)
+    # Kernel accept timestamp to the return of the cgroup.procs write.
     latencies_ns: deque = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
+    # Kernel accept timestamp to the start of on_accept(): ring buffer and loop.
+    delivery_ns: deque = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
     events: int = 0
 
     def user(self, uid: int) -> UserCounters:
@@ -65,17 +68,18 @@ class Trigger:
     # -- event path ----------------------------------------------------------
 
     def on_accept(self, event: AcceptEvent) -> None:
+        handled_ns = time.monotonic_ns()
         self.events += 1
-        now = time.monotonic()
+        now = handled_ns / 1e9
         placement = self.placements.get(event.tgid)
         if placement is not None:
             placement.last_accept = now
             return
         if event.uid not in self.reconciler.pools.slots:
             return  # managed by the filter but no pool (yet): nothing to do
-        self._activate(event, now)
+        self._activate(event, now, handled_ns)
 
-    def _activate(self, event: AcceptEvent, now: float) -> None:
+    def _activate(self, event: AcceptEvent, now: float, handled_ns: int) -> None:
         counters = self.user(event.uid)
         home = self.cg.cgroup_of(event.tgid)
         if home is None:
@@ -105,6 +109,7 @@ class Trigger:
         )
         counters.activations += 1
         self.latencies_ns.append(moved_ns - event.ts_ns)
+        self.delivery_ns.append(handled_ns - event.ts_ns)
         log.info(
             "activated pid %d of uid %d: %s -> %s (tier %s) after accept on fd %d",
             event.tgid,

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Callable
 
 CGROUP = Path("/sys/fs/cgroup")
-UNIT_CGROUP = "/system.slice/broker.service"
+UNIT_CGROUP = "/system.slice/broker-slots.service"
+DAEMON_CGROUP = "/system.slice/broker.service"
 POLICY_DIR = Path("/etc/broker/policies.d")
 BROKER = "/opt/broker/bin/broker"
 PYTHON = "/usr/bin/python3"

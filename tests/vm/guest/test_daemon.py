@@ -13,6 +13,7 @@ import pytest
 
 from tests.vm.guest.guestlib import (
     BROKER,
+    DAEMON_CGROUP,
     UNIT_CGROUP,
     Server,
     cgroup_of,
@@ -98,7 +99,8 @@ def test_enable_now_starts_service(servers):
     sh("systemctl", "enable", "--now", "broker")
     assert sh("systemctl", "is-active", "broker").stdout.strip() == "active"
     assert sh("systemctl", "is-enabled", "broker").stdout.strip() == "enabled"
-    assert cgroup_of(main_pid()) == f"{UNIT_CGROUP}/daemon"
+    assert cgroup_of(main_pid()) == DAEMON_CGROUP
+    assert sh("systemctl", "is-active", "broker-slots").stdout.strip() == "active"
 
 
 def test_slots_carry_reservations(servers):
@@ -247,5 +249,6 @@ def test_stop_returns_everyone_home(servers):
     for name in ("alice", "bob", "carol"):
         assert cgroup_of(servers[name].pid) == servers[name].home
         assert servers[name].process.poll() is None
-    assert procs_under(UNIT_CGROUP) == []
+    assert procs_under(f"{UNIT_CGROUP}/users") == []
     assert not os.path.exists(f"/sys/fs/cgroup{UNIT_CGROUP}/users")
+    assert read_knob(UNIT_CGROUP, "cgroup.subtree_control") == ""

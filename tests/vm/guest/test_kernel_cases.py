@@ -40,6 +40,7 @@ def cg():
     fs = CgroupFS()
     fs.enable_controllers("/", {"cpu", "memory"})
     fs.mkdir(TOP)
+    fs.enable_controllers(TOP, {"cpu", "memory"})
     started = []
     yield fs, started
     for process in started:
@@ -221,4 +222,4 @@ def test_remove_all_leaves_nothing(cg):
     fs, _ = cg
     trigger = make_trigger(fs, {"light": 3})
     trigger.reconciler.remove_all()
-    assert fs.children(f"{TOP}/broker") == ["daemon"]
+    assert fs.children(f"{TOP}/broker/users") == []

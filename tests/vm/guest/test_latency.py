@@ -112,6 +112,7 @@ def test_thousand_activations(daemon):
         "moved": len(moved),
         "daemon_activations": after - before,
         "daemon_latency_us": latency,
+        "daemon_delivery_us": status["delivery_us"],
         "observed_by_child_us": _summary([r[1] for r in moved]),
         "elapsed_s": elapsed,
         "favordynmods": "favordynmods"
