@@ -32,9 +32,14 @@ def in_guest() -> bool:
 def sh(
     *args: str, check: bool = True, timeout: float = 60
 ) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        args, capture_output=True, text=True, check=check, timeout=timeout
-    )
+    """Run a command; with check, a failure raises with its stdout and stderr."""
+    result = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(args)} exited with {result.returncode}\n"
+            f"stdout: {result.stdout}\nstderr: {result.stderr}"
+        )
+    return result
 
 
 def wait_until(condition: Callable[[], object], timeout: float, what: str) -> object:

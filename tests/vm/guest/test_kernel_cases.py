@@ -189,11 +189,14 @@ def test_missing_controller_names_level(cg):
     from broker.errors import ControllerMissingError
 
     fs, _ = cg
+    # TOP enables memory for a, but a enables nothing for b, so b is the
+    # first level on the way down to c whose cgroup.controllers lacks it.
     fs.mkdir(f"{TOP}/a")
     fs.mkdir(f"{TOP}/a/b")
+    fs.mkdir(f"{TOP}/a/b/c")
     with pytest.raises(ControllerMissingError) as caught:
-        fs.enable_controllers(f"{TOP}/a/b", {"memory"})
-    assert caught.value.level == str(CGROUP / "broker-kt/a")
+        fs.enable_controllers(f"{TOP}/a/b/c", {"memory"})
+    assert caught.value.level == str(CGROUP / "broker-kt/a/b")
     assert "subtree_control" in str(caught.value)
 
 

@@ -90,7 +90,7 @@ def test_activation_boosts_user_class(shaped):
     alice = shaped[0]
     assert alice.request() == "200"
     wait_until(
-        lambda: "/users/uid-2001/" in cgroup_of(shaped.pid), 20, "alice in a slot"
+        lambda: "/users/uid-2001/" in cgroup_of(alice.pid), 20, "alice in a slot"
     )
     warm = wait_until(
         lambda: [h for h, c in user_classes().items() if c.rate == WARM_RATE],
@@ -106,7 +106,9 @@ def test_activation_boosts_user_class(shaped):
 
 def test_reclaim_drops_rate_back(shaped):
     wait_until(
-        lambda: "/users/" not in cgroup_of(shaped.pid), IDLE_TIMEOUT + 15, "alice home"
+        lambda: "/users/" not in cgroup_of(shaped[0].pid),
+        IDLE_TIMEOUT + 15,
+        "alice home",
     )
     wait_until(
         lambda: all(c.rate == IDLE_RATE for c in user_classes().values()),
