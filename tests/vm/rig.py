@@ -206,6 +206,9 @@ CUSTOMIZE_COMMANDS = (
     ': > "$1/etc/machine-id"',
 )
 
+# Prepared overlays kept per image; each holds a venv of about 350 MB.
+KEEP_PREPARED_DISKS = 3
+
 # Free space left in root.img for the guest's venv and test data, in MiB.
 IMAGE_HEADROOM_MIB = 1024
 
@@ -721,10 +724,23 @@ def build_prepared_disk(
     building.rename(final)
     shutil.rmtree(share)
     log.info("prepared disk: %s", final)
-    for old in image.directory.glob("prepared-*.qcow2"):
-        if old != final:
-            log.info("prepared disk: removing the outdated %s", old)
-            old.unlink()
+    remove_old_prepared_disks(image)
+
+
+def remove_old_prepared_disks(image: Image) -> None:
+    """Remove all but the newest KEEP_PREPARED_DISKS overlays of IMAGE.
+
+    Checkouts with different wheelhouses share the cache, so more than one is
+    kept: otherwise two branches would keep deleting each other's overlay.
+    """
+    disks = sorted(
+        image.directory.glob("prepared-*.qcow2"),
+        key=lambda path: path.stat().st_mtime,
+        reverse=True,
+    )
+    for old in disks[KEEP_PREPARED_DISKS:]:
+        log.info("prepared disk: removing the oldest overlay %s", old)
+        old.unlink()
 
 
 # --------------------------------------------------------------------------
