@@ -9,7 +9,7 @@ set -uo pipefail
 
 DEMO_SECONDS=${DEMO_SECONDS:-300}
 STATUS_EVERY=10
-# Servers outlive the load by this margin, so the final report still sees them.
+# Servers outlive the load by this margin, so the final report still lists them.
 SERVER_MARGIN=120
 REQUEST_PAUSE=0.2
 WEB_ROOT=/srv/broker-demo

@@ -94,8 +94,8 @@ GUEST_PACKAGES = (
     "wrk",
     "iperf3",
 )
-# Documentation, translations and hardware drivers a headless VM without a
-# network card never loads. Kernel modules alone are about 390 MB.
+# Documentation, translations, and drivers that a headless VM without a network
+# card never loads.
 DPKG_PATH_EXCLUDES = (
     "path-exclude=/usr/share/man/*",
     "path-exclude=/usr/share/locale/*",
@@ -119,9 +119,9 @@ START_MARK = "BROKER-VM-START"
 SCRIPT_MARK = "BROKER-VM-SCRIPT"
 END_MARK = "BROKER-VM-END"
 
-# The kernel's postinst builds the initrd with only these modules (about 6 MB
-# against 36 MB with MODULES=most). 9p and 9pnet_virtio are not needed to
-# mount the root disk: the runner loads them after boot.
+# The kernel's postinst builds the initrd with only these modules (6.5 MB,
+# against about 36 MB with MODULES=most). 9p and 9pnet_virtio are not needed
+# to mount the root disk, so the runner loads them after boot.
 INITRAMFS_CONF = "MODULES=list\n"
 INITRAMFS_MODULES = "virtio_pci\nvirtio_blk\next4\n"
 
@@ -206,7 +206,7 @@ CUSTOMIZE_COMMANDS = (
     ': > "$1/etc/machine-id"',
 )
 
-# Prepared overlays kept per image; each holds a venv of about 350 MB.
+# Prepared overlays kept per image. Each contains a venv of about 350 MB.
 KEEP_PREPARED_DISKS = 3
 
 # Free space left in root.img for the guest's venv and test data, in MiB.
@@ -836,7 +836,7 @@ def wait_for_other_vms(limit: float) -> None:
 
 
 class GuestStream:
-    """Copies the guest's ttyS1 output to a text stream and times the markers."""
+    """Copier of the guest's ttyS1 output to a text stream, timing the markers."""
 
     def __init__(self, out: TextIO, started: float):
         self.out = out

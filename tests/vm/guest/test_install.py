@@ -22,6 +22,10 @@ def project() -> Path:
     return Path(os.environ.get("BROKER_VM_PROJECT", "/mnt/broker/project"))
 
 
+def wheelhouse() -> Path:
+    return Path(os.environ.get("BROKER_VM_SHARE", "/mnt/broker")) / "wheelhouse"
+
+
 def run_install(*args: str) -> subprocess.CompletedProcess[str]:
     command = ["bash", str(project() / "scripts" / "install"), *args]
     return subprocess.run(command, capture_output=True, text=True, check=False)
@@ -29,8 +33,7 @@ def run_install(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def second_install() -> subprocess.CompletedProcess[str]:
-    wheelhouse = Path(os.environ.get("BROKER_VM_SHARE", "/mnt/broker")) / "wheelhouse"
-    return run_install("--no-apt", "--wheelhouse", str(wheelhouse))
+    return run_install("--no-apt", "--wheelhouse", str(wheelhouse()))
 
 
 def installed_version() -> str:
@@ -48,8 +51,8 @@ def test_install_rerun_succeeds(second_install) -> None:
     assert second_install.returncode == 0, second_install.stderr
 
 
-def test_install_rerun_keeps_venv(second_install) -> None:
-    wheels = list((Path(os.environ["BROKER_VM_SHARE"]) / "wheelhouse").glob("broker-*"))
+def test_install_rerun_version(second_install) -> None:
+    wheels = list(wheelhouse().glob("broker-*.whl"))
     assert len(wheels) == 1
     assert installed_version() == wheels[0].name.split("-")[1]
 
