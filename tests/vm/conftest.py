@@ -8,7 +8,8 @@ from the guest's JUnit XML. The host learns the guest test ids by running
 host without side effects.
 
 Without root, qemu or mmdebstrap the VM tests are skipped, except under CI=true,
-where they fail instead.
+where they fail instead. BROKER_VM_TIMEOUT sets the seconds the whole guest
+session may take (default 3600); tests/vm/rig.py lists its own variables.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ exec /opt/broker/bin/python -P -m pytest -p no:cacheprovider -v -rA \\
 """
 
 _guest_log: Path | None = None
+_guest_timings: dict[str, float] = {}
 
 
 @dataclass(frozen=True)
@@ -169,6 +171,7 @@ def guest_run(
     rig = load_rig()
     with open(_guest_log, "w") as out:
         result = rig.run_script(script, base / "share", GUEST_TIMEOUT, out=out)
+    _guest_timings.update(result.timings)
     junit = base / "share" / "junit.xml"
     outcomes = parse_junit(junit) if junit.is_file() else {}
     return GuestRun(result.exit_code, outcomes, _guest_log)
@@ -193,3 +196,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if _guest_log is not None:
         terminalreporter.write_line(f"test VM guest output: {_guest_log}")
+    if _guest_timings:
+        parts = [f"{name} {seconds:.1f} s" for name, seconds in _guest_timings.items()]
+        terminalreporter.write_line("test VM timings: " + ", ".join(parts))

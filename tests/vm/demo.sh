@@ -9,6 +9,8 @@ set -uo pipefail
 
 DEMO_SECONDS=${DEMO_SECONDS:-300}
 STATUS_EVERY=10
+# Servers outlive the load by this margin, so the final report still lists them.
+SERVER_MARGIN=120
 REQUEST_PAUSE=0.2
 WEB_ROOT=/srv/broker-demo
 # name:uid:port; uids below 1000 are system users, which the policy leaves alone.
@@ -31,7 +33,7 @@ create_user() {
 start_server() {
     local name=$1 uid=$2 port=$3
     systemd-run --quiet --unit="demo-web-$name" --uid="$name" \
-        --slice="user-$uid.slice" -p RuntimeMaxSec="$DEMO_SECONDS" \
+        --slice="user-$uid.slice" -p RuntimeMaxSec=$((DEMO_SECONDS + SERVER_MARGIN)) \
         python3 -m http.server --bind 127.0.0.1 --directory "$WEB_ROOT" "$port"
 }
 
@@ -61,6 +63,16 @@ show_processes() {
         pid=$(systemctl show -p MainPID --value "demo-web-$name")
         echo "$name: pid $pid uid $(stat -c %u "/proc/$pid" 2>/dev/null)" \
             "cgroup $(cut -d: -f3 "/proc/$pid/cgroup" 2>/dev/null)"
+    done
+}
+
+# http.server logs one line per request to its unit's journal.
+show_requests() {
+    local entry name served
+    for entry in "${USERS[@]}"; do
+        name=${entry%%:*}
+        served=$(journalctl -q -u "demo-web-$name" -o cat | grep -c '"GET / ')
+        echo "$name: $served requests served"
     done
 }
 
@@ -103,6 +115,7 @@ done
 
 step "end"
 show_processes
+show_requests
 journalctl -u broker --no-pager -n 20 || true
 echo "demo: $failures failed broker steps"
 [ "$failures" -eq 0 ]
