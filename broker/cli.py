@@ -149,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print the raw status as JSON"
     )
     status.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="print the status in Prometheus text format",
+    )
+    status.add_argument(
         "--state-dir",
         metavar="DIR",
         help="where the daemon writes status (default /run/broker)",

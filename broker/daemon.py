@@ -15,6 +15,7 @@ the broker's cgroups and BPF links, then exit.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -147,6 +148,10 @@ class Daemon:
             max_workers=1, thread_name_prefix="netshape"
         )
         self.class_stats: list[dict[str, Any]] = []
+        # File writes of the state directory, kept off the event loop.
+        self.state_worker = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="state"
+        )
         self._last_class_stats = 0.0
 
     # -- start ---------------------------------------------------------------
@@ -367,22 +372,27 @@ class Daemon:
             asyncio.get_running_loop().call_soon(self.save_placements)
 
     def save_placements(self) -> None:
+        """Write a snapshot of the placements on the state worker thread."""
         if self.trigger is not None and self._dirty:
             self._dirty = False
-            state_mod.save_placements(
-                self.state_dir, list(self.trigger.placements.values())
+            snapshot = [
+                dataclasses.replace(p) for p in self.trigger.placements.values()
+            ]
+            self.state_worker.submit(
+                state_mod.save_placements, self.state_dir, snapshot
             )
 
     def write_state(self) -> None:
         if self.trigger is None:
             return
         self.save_placements()
-        status = self.status()
-        state_mod.save_status(self.state_dir, status)
-        state_mod.write_atomic(
-            self.state_dir / state_mod.METRICS_FILE, metrics.render(status), 0o644
-        )
+        self.state_worker.submit(self._write_status_files, self.status())
         self.notifier.status(self.status_line())
+
+    def _write_status_files(self, status: dict[str, Any]) -> None:
+        state_mod.save_status(self.state_dir, status)
+        text = metrics.render(status)
+        state_mod.write_atomic(self.state_dir / state_mod.METRICS_FILE, text, 0o644)
 
     def status_line(self) -> str:
         if self.trigger is None or self.reconciler is None:
@@ -477,6 +487,7 @@ class Daemon:
             self.trigger.placements.clear()
             self._dirty = True
             self.write_state()
+        self.state_worker.shutdown(wait=True)
         log.info("broker stopped")
 
 

@@ -96,10 +96,9 @@ class Trigger:
                 "no free slot for uid %d (pid %d): cold path", event.uid, event.tgid
             )
             return
-        outcome = self.cg.classify(event.tgid)
-        if outcome is None:
-            outcome = self.cg.move(event.tgid, slot.path)
+        outcome = self.cg.move(event.tgid, slot.path)
         moved_ns = time.monotonic_ns()
+        outcome = self._refine(outcome, event.tgid)
         if outcome is not MoveOutcome.MOVED:
             self._count_failure(counters, outcome, event.tgid, slot.path)
             return
@@ -121,6 +120,17 @@ class Trigger:
         )
         self.on_slot_state(event.uid, slot.tier)
         self.on_change()
+
+    def _refine(self, outcome: MoveOutcome, pid: int) -> MoveOutcome:
+        """Tell zombies and kernel threads apart after the write, off the timed path.
+
+        The kernel accepts the pid of a zombie and moves nothing, and rejects a
+        kernel thread with EINVAL, so /proc/PID/stat is read only afterwards.
+        """
+        state = self.cg.classify(pid)
+        if outcome is MoveOutcome.MOVED:
+            return MoveOutcome.ZOMBIE if state is MoveOutcome.ZOMBIE else outcome
+        return state or outcome
 
     def _refresh_owner_of(self, cgroup: str, now: float) -> None:
         """Refresh the idle timer of the slot in which a placed process's child accepted."""
