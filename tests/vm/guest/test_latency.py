@@ -139,7 +139,10 @@ def test_thousand_activations(mount_mode):
     os.killpg(server.pid, signal.SIGKILL)
     server.wait(timeout=60)
 
-    status = status_json()
+    # The daemon rewrites its status file once per tick.
+    status = wait_until(
+        lambda: caught_up(status_json(), before + len(moved)), 10, "status to catch up"
+    )
     after = status["users"][str(UID)]["counters"]["activations"]
     latency = status["latency_us"]
     record = {
@@ -161,6 +164,12 @@ def test_thousand_activations(mount_mode):
     assert len(replies) - len(moved) <= ACTIVATIONS // 20
     assert after - before >= len(moved)
     assert latency["count"] >= min(len(moved), 4096)
+
+
+def caught_up(status: dict, activations: int) -> dict | None:
+    user = status["users"].get(str(UID), {})
+    done = user.get("counters", {}).get("activations", 0) >= activations
+    return status if done else None
 
 
 def _summary(values: list[int]) -> dict:
