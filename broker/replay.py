@@ -1,0 +1,757 @@
+"""Replay a recorded demand trace through the planner and compare pool-sizing methods.
+
+The replay runs offline and faster than real time. Each arrival holds a warm
+slot for its service time if one is free when it arrives (a warm hit);
+otherwise it is served cold and holds no slot (a miss). Every planning
+interval each method sets each user's pool from the history before that
+interval only. All methods see the same arrivals.
+
+Idle reservation is the integral over time of max(pool - busy slots, 0): a
+slot that is still busy when the pool shrinks stays until its connection
+ends, as the reconciler never evicts a running process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import heapq
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+from scipy.special import ndtri
+
+from broker.errors import BrokerError
+from broker.predictor import Predictor, PredictorSettings, pit_below
+
+log = logging.getLogger(__name__)
+
+
+class TraceError(BrokerError):
+    """A trace file is missing, unreadable or not in a known layout."""
+
+
+# --------------------------------------------------------------------------
+# Traces
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class UserArrivals:
+    """One user's arrivals, sorted by time, each with its service time."""
+
+    name: str
+    start: np.ndarray  # seconds from the start of the trace
+    duration: np.ndarray  # seconds the arrival holds a slot
+    memory_mb: float  # memory.min a slot of this user reserves
+
+    @property
+    def end(self) -> np.ndarray:
+        return self.start + self.duration
+
+
+@dataclass
+class Trace:
+    """A set of users' arrivals over [0, length) seconds."""
+
+    users: list[UserArrivals]
+    length: float
+    source: str = ""
+
+    def arrivals(self) -> int:
+        return int(sum(u.start.size for u in self.users))
+
+
+def _user_from_parts(
+    name: str, starts: list[np.ndarray], durations: list[np.ndarray], memory_mb: float
+) -> UserArrivals:
+    start = np.concatenate(starts) if starts else np.empty(0)
+    duration = np.concatenate(durations) if durations else np.empty(0)
+    order = np.argsort(start, kind="stable")
+    return UserArrivals(name, start[order], duration[order], memory_mb)
+
+
+# Service time for functions whose recorded average is 0 ms (rounded down).
+MIN_SERVICE_TIME = 0.001
+
+
+def load_azure_functions(directory: Path, seed: int = 0, spread: float = 60.0) -> Trace:
+    """Load the Azure Functions 2019 layout: invocations, durations, memory CSVs.
+
+    Owners are users. A function's invocations of one minute are placed at
+    uniformly random instants of that minute (the arrival times of a Poisson
+    process given its count), each holding a slot for the function's average
+    duration. A user's slot reserves the largest average memory of its
+    functions.
+    """
+    rows = _read_csv(directory / "invocations.csv")
+    durations = {r["HashFunction"]: float(r["Average"]) / 1000.0 for r in _read_csv(directory / "durations.csv")}
+    memory_path = directory / "memory.csv"
+    memory = {}
+    if memory_path.exists():
+        memory = {r["HashFunction"]: float(r["AverageAllocatedMb"]) for r in _read_csv(memory_path)}
+    minutes = [c for c in rows[0] if c.isdigit()] if rows else []
+    if not minutes:
+        raise TraceError(f"{directory / 'invocations.csv'}: no minute columns (480, 481, ...)")
+    rng = np.random.default_rng(seed)
+    parts: dict[str, tuple[list, list, list]] = {}
+    for row in rows:
+        counts = np.array([int(row[m]) for m in minutes])
+        minute = np.repeat(np.arange(counts.size), counts)
+        start = (minute + rng.random(minute.size)) * spread
+        service = max(durations.get(row["HashFunction"], 1.0), MIN_SERVICE_TIME)
+        starts, services, memories = parts.setdefault(row["HashOwner"], ([], [], []))
+        starts.append(start)
+        services.append(np.full(start.size, service))
+        memories.append(memory.get(row["HashFunction"], 0.0))
+    users = [_user_from_parts(owner, s, d, max(m)) for owner, (s, d, m) in parts.items()]
+    return Trace(users, len(minutes) * spread, str(directory))
+
+
+def load_csv(
+    path: Path, seed: int = 0, spread: float = 0.0, service_time: float = 1.0, memory_mb: float = 64.0
+) -> Trace:
+    """Load `timestamp,user[,count][,duration_s][,memory_mb]` rows (seconds as float).
+
+    A row with a count stands for that many arrivals, placed at uniformly
+    random instants of [timestamp, timestamp + spread).
+    """
+    rows = _read_csv(path)
+    if not rows or "timestamp" not in rows[0] or "user" not in rows[0]:
+        raise TraceError(f"{path}: expected a header with at least timestamp,user")
+    rng = np.random.default_rng(seed)
+    parts: dict[str, tuple[list, list, list]] = {}
+    for number, row in enumerate(rows, 2):
+        try:
+            stamp = float(row["timestamp"])
+            count = int(row.get("count") or 1)
+            duration = float(row.get("duration_s") or service_time)
+            memory = float(row.get("memory_mb") or memory_mb)
+        except ValueError as exc:
+            raise TraceError(f"{path}:{number}: {exc}") from None
+        starts, services, memories = parts.setdefault(row["user"], ([], [], []))
+        starts.append(stamp + rng.random(count) * spread)
+        services.append(np.full(count, max(duration, MIN_SERVICE_TIME)))
+        memories.append(memory)
+    origin = min(float(np.min(s)) for s, _, _ in parts.values() for s in s if s.size) if parts else 0.0
+    users = []
+    for name, (s, d, m) in parts.items():
+        user = _user_from_parts(name, s, d, max(m))
+        user.start = user.start - origin
+        users.append(user)
+    length = max((float(u.start[-1]) for u in users if u.start.size), default=0.0) + max(spread, 1e-9)
+    return Trace(users, length, str(path))
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    try:
+        with open(path, newline="") as handle:
+            return list(csv.DictReader(handle))
+    except OSError as exc:
+        raise TraceError(f"cannot read trace {path}: {exc.strerror}") from exc
+
+
+def load_trace(path: Path, seed: int = 0, spread: float | None = None, service_time: float = 1.0) -> Trace:
+    """Load a trace from a directory in the Azure Functions layout or a CSV file."""
+    if path.is_dir():
+        if not (path / "invocations.csv").exists():
+            raise TraceError(f"{path}: a directory trace needs invocations.csv and durations.csv")
+        return load_azure_functions(path, seed, 60.0 if spread is None else spread)
+    return load_csv(path, seed, 0.0 if spread is None else spread, service_time)
+
+
+# --------------------------------------------------------------------------
+# Demand per planning interval, measured as if every arrival were served
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Demand:
+    """Per user (rows) and planning interval (columns), every arrival served.
+
+    This is what the probes measure whatever the pool: accepted connections
+    and open connections do not depend on whether a slot was warm.
+    """
+
+    interval: float
+    arrivals: np.ndarray  # arrivals in the interval
+    peak: np.ndarray  # max open connections at any instant of the interval
+    busy: np.ndarray  # mean open connections (busy slot-seconds / interval)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.arrivals.shape
+
+
+def _events(start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return event times and the open count after each, ends before starts on ties."""
+    times = np.concatenate([end, start])
+    steps = np.concatenate([-np.ones(end.size), np.ones(start.size)])
+    order = np.lexsort((steps, times))
+    return times[order], np.cumsum(steps[order])
+
+
+def _level_before(times: np.ndarray, level: np.ndarray, at: np.ndarray) -> np.ndarray:
+    index = np.searchsorted(times, at, side="right") - 1
+    return np.where(index >= 0, level[np.maximum(index, 0)], 0.0)
+
+
+def _busy_integral(times: np.ndarray, level: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """Return the integral of the open count from 0 to each instant in `at`."""
+    if times.size == 0:
+        return np.zeros(at.size)
+    widths = np.diff(times, prepend=times[0])
+    before = np.concatenate([[0.0], level[:-1]])
+    cumulative = np.cumsum(before * widths)
+    index = np.searchsorted(times, at, side="right") - 1
+    safe = np.maximum(index, 0)
+    value = cumulative[safe] + level[safe] * (at - times[safe])
+    return np.where(index >= 0, value, 0.0)
+
+
+def measure_demand(trace: Trace, interval: float) -> Demand:
+    """Return arrivals, peak and mean open connections per user and interval."""
+    count = int(math.ceil(trace.length / interval - 1e-9))
+    bounds = np.arange(count + 1) * interval
+    shape = (len(trace.users), count)
+    arrivals, peak, busy = np.zeros(shape), np.zeros(shape), np.zeros(shape)
+    for row, user in enumerate(trace.users):
+        index = np.minimum((user.start // interval).astype(int), count - 1)
+        arrivals[row] = np.bincount(index, minlength=count)
+        times, level = _events(user.start, user.end)
+        inside = times < trace.length
+        np.maximum.at(peak[row], (times[inside] // interval).astype(int), level[inside])
+        peak[row] = np.maximum(peak[row], _level_before(times, level, bounds[:-1]))
+        busy[row] = np.diff(_busy_integral(times, level, bounds)) / interval
+    return Demand(interval, arrivals, peak, busy)
+
+
+# --------------------------------------------------------------------------
+# Simulation of warm slots under a pool plan
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    """Per user and interval results of one replay of one pool plan."""
+
+    hits: np.ndarray
+    arrivals: np.ndarray
+    idle_slot_seconds: np.ndarray
+    memory_mb: np.ndarray  # per user
+
+    def idle_memory_gb_seconds(self) -> np.ndarray:
+        return self.idle_slot_seconds * (self.memory_mb[:, None] / 1024.0)
+
+
+def _serve_interval(
+    pool: int, carry: list[float], start: np.ndarray, end: np.ndarray
+) -> np.ndarray:
+    """Serve one interval's arrivals in order; return which found a free slot."""
+    busy = list(carry)
+    heapq.heapify(busy)
+    accepted = np.zeros(start.size, dtype=bool)
+    for i, (t, stop) in enumerate(zip(start.tolist(), end.tolist())):
+        while busy and busy[0] <= t:
+            heapq.heappop(busy)
+        if len(busy) < pool:
+            heapq.heappush(busy, stop)
+            accepted[i] = True
+    return accepted
+
+
+def _accepted(user: UserArrivals, pools: np.ndarray, peak: np.ndarray, interval: float) -> np.ndarray:
+    """Return which arrivals of one user got a warm slot under per-interval pools.
+
+    Where the pool covers the interval's peak of all open connections, every
+    arrival of that interval finds a slot, because the connections holding
+    warm slots are a subset of all open ones. Only the other intervals are
+    served one arrival at a time, in order, with the slots still held by
+    earlier accepted arrivals.
+    """
+    accepted = np.ones(user.start.size, dtype=bool)
+    bounds = np.searchsorted(user.start, np.arange(pools.size + 1) * interval)
+    longest = float(user.duration.max()) if user.duration.size else 0.0
+    for k in np.flatnonzero(pools < peak):
+        lo, hi = bounds[k], bounds[k + 1]
+        if lo == hi:
+            continue
+        first = k * interval
+        back = np.searchsorted(user.start, first - longest)
+        ends = user.end[back:lo][accepted[back:lo]]
+        carry = ends[ends > first].tolist()
+        accepted[lo:hi] = _serve_interval(int(pools[k]), carry, user.start[lo:hi], user.end[lo:hi])
+    return accepted
+
+
+def _idle(user: UserArrivals, accepted: np.ndarray, pools: np.ndarray, interval: float) -> np.ndarray:
+    """Return per interval the integral of max(pool - busy warm slots, 0)."""
+    length = pools.size * interval
+    bounds = np.arange(pools.size + 1) * interval
+    start, end = user.start[accepted], np.minimum(user.end[accepted], length)
+    times = np.concatenate([start, end, bounds])
+    steps = np.concatenate([np.ones(start.size), -np.ones(end.size), np.zeros(bounds.size)])
+    order = np.argsort(times, kind="stable")
+    times, level = times[order], np.cumsum(steps[order])
+    widths = np.diff(times)
+    index = np.minimum((times[:-1] // interval).astype(int), pools.size - 1)
+    free = np.maximum(pools[index] - level[:-1], 0.0) * widths
+    return np.bincount(index, weights=free, minlength=pools.size)
+
+
+def simulate(trace: Trace, demand: Demand, pools: np.ndarray) -> Outcome:
+    """Replay every user's arrivals against a pool plan of shape (users, intervals)."""
+    hits = np.zeros(demand.shape)
+    idle = np.zeros(demand.shape)
+    count = demand.shape[1]
+    for row, user in enumerate(trace.users):
+        plan = pools[row].astype(float)
+        accepted = _accepted(user, plan, demand.peak[row], demand.interval)
+        index = np.minimum((user.start // demand.interval).astype(int), count - 1)
+        hits[row] = np.bincount(index[accepted], minlength=count)
+        idle[row] = _idle(user, accepted, plan, demand.interval)
+    memory = np.array([u.memory_mb for u in trace.users])
+    return Outcome(hits, demand.arrivals, idle, memory)
+
+
+# --------------------------------------------------------------------------
+# Methods: each turns the demand before an interval into that interval's pool
+# --------------------------------------------------------------------------
+
+
+class Method:
+    """A pool-sizing method with one knob; `pools(knob)` is cheap after `prepare`."""
+
+    name = ""
+    knob = ""
+    knob_range: tuple[float, float] = (0.0, 1.0)
+    integer = False
+    default = 0.9
+    quantile_knob = True  # the knob is the quantile the pool is meant to cover
+    increasing = True  # a larger knob gives larger pools
+
+    def prepare(self, demand: Demand, warmup: int) -> None:
+        raise NotImplementedError
+
+    def pools(self, knob: float) -> np.ndarray:
+        raise NotImplementedError
+
+
+def _inverted_cdf_index(count: np.ndarray, q: float) -> np.ndarray:
+    """Return the index into sorted samples of the q-quantile (inverted CDF)."""
+    return np.clip(np.ceil(q * count - 1e-9).astype(int) - 1, 0, None)
+
+
+class Static(Method):
+    """A fixed pool per user: the knob-percentile of its peaks during warm-up."""
+
+    name, knob, default = "static", "percentile", 0.95
+
+    def prepare(self, demand: Demand, warmup: int) -> None:
+        self.sorted = np.sort(demand.peak[:, :warmup], axis=1)
+        self.shape = demand.shape
+
+    def pools(self, knob: float) -> np.ndarray:
+        index = _inverted_cdf_index(np.array(self.sorted.shape[1]), knob)
+        return np.repeat(self.sorted[:, int(index)][:, None], self.shape[1], axis=1)
+
+
+class Reactive(Method):
+    """Pool = the largest peak of the last `knob` intervals (1: the last one)."""
+
+    name, knob, knob_range, integer, default = "reactive", "lookback", (1, 60), True, 1
+    quantile_knob = False
+
+    def prepare(self, demand: Demand, warmup: int) -> None:
+        self.peak = demand.peak
+
+    def pools(self, knob: float) -> np.ndarray:
+        lookback = int(knob)
+        out = np.zeros_like(self.peak)
+        for k in range(1, self.peak.shape[1]):
+            out[:, k] = self.peak[:, max(0, k - lookback) : k].max(axis=1)
+        return out
+
+
+class WindowPercentile(Method):
+    """Pool = the knob-percentile of the peaks of the last `window` intervals.
+
+    This is the moving-window percentile recommender of Autopilot (Rzadca et
+    al., EuroSys 2020) on the per-interval peak of open connections.
+    """
+
+    name, knob, default = "window-percentile", "percentile", 0.95
+
+    def __init__(self, window: int = 60):
+        self.window = window
+
+    def prepare(self, demand: Demand, warmup: int) -> None:
+        peak = demand.peak
+        padded = np.concatenate([np.full((peak.shape[0], self.window), np.nan), peak], axis=1)
+        view = np.lib.stride_tricks.sliding_window_view(padded, self.window, axis=1)
+        self.sorted = np.sort(view[:, : peak.shape[1], :], axis=2)  # NaN last
+        self.count = np.minimum(np.arange(peak.shape[1]), self.window)
+
+    def pools(self, knob: float) -> np.ndarray:
+        index = _inverted_cdf_index(self.count, knob)
+        picked = np.take_along_axis(self.sorted, index[None, :, None], axis=2)[:, :, 0]
+        return np.nan_to_num(np.where(self.count[None, :] > 0, picked, 0.0))
+
+
+class DecayingHistogram(Method):
+    """Pool = (1 + margin) times the knob-percentile of a decaying histogram of peaks.
+
+    This follows the Kubernetes VPA recommender: every sample adds weight
+    2 ** (age / half_life) to its bucket, so old samples count less, and the
+    target is the 90th percentile plus a 15% safety margin. Peaks are whole
+    numbers, so each bucket is one value.
+    """
+
+    name, knob, default = "decaying-histogram", "percentile", 0.9
+
+    def __init__(self, half_life: float = 60.0, margin: float = 0.15):
+        self.half_life = half_life
+        self.margin = margin
+
+    def prepare(self, demand: Demand, warmup: int) -> None:
+        peak = demand.peak.astype(int)
+        users, count = peak.shape
+        buckets = int(peak.max()) + 1 if peak.size else 1
+        weight = np.zeros((users, buckets))
+        self.cumulative = np.zeros((count, users, buckets), dtype=np.float32)
+        for k in range(1, count):
+            # Decaying the old weights equals growing the new ones by 2**(1/h).
+            weight *= 2.0 ** (-1.0 / self.half_life)
+            weight[np.arange(users), peak[:, k - 1]] += 1.0
+            total = weight.sum(axis=1, keepdims=True)
+            self.cumulative[k] = np.cumsum(weight, axis=1) / np.maximum(total, 1e-300)
+
+    def pools(self, knob: float) -> np.ndarray:
+        reached = self.cumulative >= knob - 1e-7
+        value = np.argmax(reached, axis=2).astype(float)
+        value[0] = 0.0
+        return np.ceil(value * (1.0 + self.margin) - 1e-9).T
+
+
+# Quantile levels at which the gp method keeps its pools, so a knob search
+# needs no new forecasts.
+GP_LEVELS = np.unique(
+    np.round(np.concatenate([np.linspace(0.02, 0.9, 45), np.arange(0.9, 0.999, 0.0025)]), 4)
+)
+CALIBRATION_LEVELS = (0.5, 0.8, 0.9, 0.95)
+
+
+class GaussianProcess(Method):
+    """Pool = the knob-quantile of the predictor's calibrated forecast of the peak."""
+
+    name, knob, default = "gp", "quantile", 0.9
+
+    def __init__(self, settings: PredictorSettings, progress: Callable[[int, int], None] | None = None):
+        self.settings = settings
+        self.progress = progress
+
+    def prepare(self, demand: Demand, warmup: int) -> None:
+        peak = demand.peak
+        users, count = peak.shape
+        self.predictor = Predictor(self.settings, demand.interval)
+        self.grid = np.zeros((users, count, GP_LEVELS.size), dtype=np.int32)
+        self.pit = np.full((users, count, len(CALIBRATION_LEVELS)), np.nan)
+        self.models = np.full((users, count), "", dtype=object)
+        keys = list(range(users))
+        start = max(1, warmup - self.settings.window)
+        for k in range(start, count):
+            first = max(0, k - self.settings.window)
+            forecasts = self.predictor.forecast_windows(keys, peak[:, first:k], np.arange(first, k))
+            for row, forecast in enumerate(forecasts):
+                self.grid[row, k] = _slots_at_levels(forecast)
+                self.models[row, k] = forecast.model
+                actual = float(peak[row, k])
+                self.pit[row, k] = [pit_below(forecast, actual, q) for q in CALIBRATION_LEVELS]
+                self.predictor.observe(forecast, actual, label=k)
+            if self.progress:
+                self.progress(k - start + 1, count - start)
+
+    def pools(self, knob: float) -> np.ndarray:
+        level = int(np.clip(np.searchsorted(GP_LEVELS, knob - 1e-9), 0, GP_LEVELS.size - 1))
+        return self.grid[:, :, level].astype(float)
+
+
+def _slots_at_levels(forecast) -> np.ndarray:
+    """Return the forecast's slots at every level of GP_LEVELS, max over its horizon."""
+    if forecast.model == "sparse":
+        values = np.array([forecast.quantile(q).max() for q in GP_LEVELS])
+    else:
+        if forecast.residuals.size >= 8:
+            z = np.quantile(forecast.residuals, GP_LEVELS, method="inverted_cdf")
+        else:
+            z = ndtri(GP_LEVELS)
+        level = np.maximum(forecast.mean[:, None] + forecast.std[:, None] * z[None, :], 0.0)
+        values = (level**2).max(axis=0)
+    return np.maximum(np.ceil(values - 1e-9), 0).astype(np.int32)
+
+
+class OracleStatic(Method):
+    """The fixed pool per user that, in hindsight, reaches a pooled hit rate with the
+    least idle reservation. A reference line, not a method: it sees the future.
+
+    For each user and pool size it replays the whole evaluation period; the knob
+    is the price of one idle slot-second in hits, and each user takes the pool
+    that maximises hits - price * idle.
+    """
+
+    name, knob, knob_range, default = "oracle-static", "price", (0.0, 2.0), 0.01
+    quantile_knob = False
+    increasing = False
+
+    def __init__(self, trace: Trace):
+        self.trace = trace
+
+    def prepare(self, demand: Demand, warmup: int) -> None:
+        largest = int(demand.peak.max()) if demand.peak.size else 0
+        users = demand.shape[0]
+        self.hits = np.zeros((users, largest + 1))
+        self.idle = np.zeros((users, largest + 1))
+        self.shape = demand.shape
+        user_peak = demand.peak.max(axis=1)
+        for size in range(largest + 1):
+            pools = np.minimum(np.full(demand.shape, float(size)), user_peak[:, None])
+            outcome = simulate(self.trace, demand, pools)
+            self.hits[:, size] = outcome.hits[:, warmup:].sum(axis=1)
+            self.idle[:, size] = outcome.idle_slot_seconds[:, warmup:].sum(axis=1)
+        # Beyond a user's largest peak, more slots add idle time and no hits.
+        above = np.arange(largest + 1)[None, :] > user_peak[:, None]
+        self.hits[above] = -np.inf
+
+    def pools(self, knob: float) -> np.ndarray:
+        value = self.hits - knob * self.idle
+        size = np.argmax(value, axis=1).astype(float)
+        return np.repeat(size[:, None], self.shape[1], axis=1)
+
+
+# --------------------------------------------------------------------------
+# Metrics and the knob search
+# --------------------------------------------------------------------------
+
+
+def pinball_mean(actual: np.ndarray, predicted: np.ndarray, q: float) -> float:
+    diff = actual - predicted
+    return float(np.mean(np.where(diff >= 0, q * diff, (q - 1.0) * diff)))
+
+
+@dataclass
+class Score:
+    """A method's results at one knob setting over the evaluation intervals."""
+
+    knob: float
+    warm_hit_rate: float
+    user_hit_rate_median: float | None
+    users_below_half: int
+    idle_slot_seconds: float
+    idle_memory_gb_seconds: float
+    coverage: float | None
+    pinball_loss: float
+    pinball_level: float
+
+    def as_dict(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+def score(method: Method, knob: float, trace: Trace, demand: Demand, warmup: int, target: float) -> Score:
+    """Replay a method's pools at one knob and score the intervals after warm-up."""
+    pools = method.pools(knob)
+    outcome = simulate(trace, demand, pools)
+    hits = outcome.hits[:, warmup:].sum(axis=1)
+    arrivals = outcome.arrivals[:, warmup:].sum(axis=1)
+    active = arrivals > 0
+    rates = hits[active] / arrivals[active]
+    level = knob if method.quantile_knob else target
+    peak, planned = demand.peak[:, warmup:], pools[:, warmup:]
+    return Score(
+        knob=float(knob),
+        warm_hit_rate=float(hits.sum() / max(arrivals.sum(), 1)),
+        user_hit_rate_median=float(np.median(rates)) if rates.size else None,
+        users_below_half=int((rates < 0.5).sum()),
+        idle_slot_seconds=float(outcome.idle_slot_seconds[:, warmup:].sum()),
+        idle_memory_gb_seconds=float(outcome.idle_memory_gb_seconds()[:, warmup:].sum()),
+        coverage=float(np.mean(peak <= planned)) if method.quantile_knob else None,
+        pinball_loss=pinball_mean(peak, planned, level),
+        pinball_level=float(level),
+    )
+
+
+def search_knob(
+    method: Method, trace: Trace, demand: Demand, warmup: int, target: float, steps: int = 12
+) -> Score | None:
+    """Return the score at the smallest pools (knob) whose pooled hit rate reaches target.
+
+    Bisection assumes the hit rate grows with the pools; returns None when even
+    the largest pools miss the target.
+    """
+    low, high = method.knob_range
+    if not method.increasing:
+        low, high = high, low
+
+    def run(knob: float) -> Score:
+        return score(method, knob, trace, demand, warmup, target)
+
+    best = run(high)
+    if best.warm_hit_rate < target:
+        return None
+    lowest = run(low)
+    if lowest.warm_hit_rate >= target:
+        return lowest
+    for _ in range(steps):
+        if method.integer and abs(high - low) <= 1:
+            break
+        middle = (low + high) / 2.0
+        if method.integer:
+            middle = math.floor(middle) if method.increasing else math.ceil(middle)
+        trial = run(middle)
+        if trial.warm_hit_rate >= target:
+            high, best = middle, trial
+        else:
+            low = middle
+    return best
+
+
+# --------------------------------------------------------------------------
+# Running a comparison
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Options:
+    """Settings of one replay."""
+
+    interval: float = 60.0
+    warmup: int = 64  # intervals used only as history
+    target: float = 0.95
+    methods: tuple[str, ...] = (
+        "gp",
+        "static",
+        "reactive",
+        "window-percentile",
+        "decaying-histogram",
+        "oracle-static",
+    )
+    settings: PredictorSettings = field(default_factory=PredictorSettings)
+    percentile_window: int = 60
+    half_life: float = 60.0
+    knobs: dict[str, float] = field(default_factory=dict)
+
+
+def build_method(name: str, trace: Trace, options: Options, progress=None) -> Method:
+    if name == "gp":
+        return GaussianProcess(options.settings, progress)
+    if name == "static":
+        return Static()
+    if name == "reactive":
+        return Reactive()
+    if name == "window-percentile":
+        return WindowPercentile(options.percentile_window)
+    if name == "decaying-histogram":
+        return DecayingHistogram(options.half_life)
+    if name == "oracle-static":
+        return OracleStatic(trace)
+    raise TraceError(f"unknown method {name!r}")
+
+
+def compare(trace: Trace, options: Options, progress: "Progress | None" = None) -> dict[str, object]:
+    """Run every method on the trace and return the `--json` object."""
+    demand = measure_demand(trace, options.interval)
+    if demand.shape[1] <= options.warmup:
+        raise TraceError(
+            f"trace has {demand.shape[1]} intervals of {options.interval:g} s, "
+            f"not more than the warm-up of {options.warmup}; lower --warmup or --interval"
+        )
+    results: dict[str, object] = {}
+    prepared: dict[str, Method] = {}
+    for name in options.methods:
+        update = progress.stage(name) if progress else None
+        method = build_method(name, trace, options, update)
+        started = time.process_time()
+        method.prepare(demand, options.warmup)
+        fit_seconds = time.process_time() - started
+        prepared[name] = method
+        results[name] = _method_result(method, trace, demand, options, fit_seconds)
+    report: dict[str, object] = {
+        "trace": trace.source,
+        "users": len(trace.users),
+        "arrivals": trace.arrivals(),
+        "interval_seconds": options.interval,
+        "warmup_intervals": options.warmup,
+        "target_hit_rate": options.target,
+        "methods": results,
+    }
+    gp = prepared.get("gp")
+    if isinstance(gp, GaussianProcess):
+        report["gp_calibration"] = _calibration(gp, options.warmup)
+    report["_prepared"] = prepared
+    report["_demand"] = demand
+    return report
+
+
+def _method_result(method: Method, trace: Trace, demand: Demand, options: Options, fit_seconds: float) -> dict[str, object]:
+    knob = options.knobs.get(method.name, method.default)
+    at_default = score(method, knob, trace, demand, options.warmup, options.target)
+    at_target = search_knob(method, trace, demand, options.warmup, options.target)
+    result = at_default.as_dict()
+    result["fit_cpu_seconds"] = fit_seconds
+    result["at_target"] = None
+    if at_target is not None:
+        result["at_target"] = {
+            "knob": at_target.knob,
+            "knob_name": method.knob,
+            "warm_hit_rate": at_target.warm_hit_rate,
+            "user_hit_rate_median": at_target.user_hit_rate_median,
+            "users_below_half": at_target.users_below_half,
+            "idle_slot_seconds": at_target.idle_slot_seconds,
+            "idle_memory_gb_seconds": at_target.idle_memory_gb_seconds,
+            "coverage": at_target.coverage,
+        }
+    return result
+
+
+def _calibration(method: GaussianProcess, warmup: int) -> dict[str, object]:
+    """Return the mean non-randomised PIT coverage at each calibration level, and
+    the share of forecasts each model produced."""
+    pit = method.pit[:, warmup:, :]
+    coverage = {f"{q:g}": float(np.nanmean(pit[:, :, i])) for i, q in enumerate(CALIBRATION_LEVELS)}
+    models = method.models[:, warmup:].ravel()
+    names, counts = np.unique(models[models != ""], return_counts=True)
+    return {
+        "coverage": coverage,
+        "models": {str(n): int(c) for n, c in zip(names, counts)},
+        "anomalies": method.predictor.anomaly_total,
+        "refits": method.predictor.refit_total,
+        "kernel_fits": method.predictor.kernels.fits,
+    }
+
+
+class Progress:
+    """A progress bar on stderr, drawn only when stderr is a terminal."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+        self.enabled = stream.isatty()
+
+    def stage(self, name: str) -> Callable[[int, int], None] | None:
+        if not self.enabled:
+            return None
+
+        def update(done: int, total: int) -> None:
+            width = 30
+            filled = int(width * done / max(total, 1))
+            self.stream.write(f"\r{name:20s} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+            if done >= total:
+                self.stream.write("\n")
+            self.stream.flush()
+
+        return update
