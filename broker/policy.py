@@ -168,6 +168,11 @@ class ForecastPolicy:
     service_time: float = 1.0  # seconds a connection holds a slot, if not measured
     memory_min_share: float = 0.5  # cap: sum of memory.min over all slots / RAM
     anomaly_sigma: float = 4.0
+    # Relative width of the 90% predictive interval, (q95 - q05) / median, at or
+    # below which all slots are of the lightest tier, and at or above which all
+    # are of the heaviest.
+    uncertainty_narrow: float = 0.5
+    uncertainty_wide: float = 2.0
     weights: tuple[tuple[str, float], ...] = (
         ("connections", 1.0),
         ("cpu", 1.0),
@@ -565,6 +570,7 @@ def _parse_forecast(reader: _Reader, node: yaml.Node) -> ForecastPolicy | None:
     known = (
         "enabled", "interval", "plan_interval", "quantile", "window", "horizon_min",
         "horizon_max", "service_time", "memory_min_share", "anomaly_sigma", "weights",
+        "uncertainty_narrow", "uncertainty_wide",
     )
     reader.unknown_keys(items, known, fld)
     values: dict[str, Any] = {}
@@ -581,6 +587,9 @@ def _parse_forecast(reader: _Reader, node: yaml.Node) -> ForecastPolicy | None:
         values["memory_min_share"] = reader.number(items["memory_min_share"][1], f"{fld}.memory_min_share", 0.0, 0.95)
     if "anomaly_sigma" in items:
         values["anomaly_sigma"] = reader.number(items["anomaly_sigma"][1], f"{fld}.anomaly_sigma", 1.0, 100.0)
+    for key in ("uncertainty_narrow", "uncertainty_wide"):
+        if key in items:
+            values[key] = reader.number(items[key][1], f"{fld}.{key}", 0.0, 100.0)
     if "weights" in items:
         weights = []
         for key, (_, wnode) in (reader.mapping(items["weights"][1], f"{fld}.weights") or {}).items():
@@ -596,6 +605,10 @@ def _parse_forecast(reader: _Reader, node: yaml.Node) -> ForecastPolicy | None:
     result = ForecastPolicy(**values)
     if result.horizon_min > result.horizon_max:
         reader.problem(node, f"{fld}.horizon_min", "is above horizon_max", "set horizon_min <= horizon_max")
+        return None
+    if result.uncertainty_narrow > result.uncertainty_wide:
+        where = items.get("uncertainty_narrow", (node, node))[1]
+        reader.problem(where, f"{fld}.uncertainty_narrow", "is above uncertainty_wide", "set uncertainty_narrow <= uncertainty_wide")
         return None
     return result
 

@@ -34,11 +34,13 @@ import math
 import time
 import warnings
 from collections import deque
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
-from typing import Hashable, Iterable
 
 import numpy as np
+from scipy.linalg import cho_factor, cho_solve
 from scipy.special import ndtr, ndtri
+from sklearn.base import clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.gaussian_process import GaussianProcessRegressor
 from sklearn.gaussian_process.kernels import (
@@ -57,9 +59,17 @@ DAY = 86400.0
 # constant history from producing a zero-width interval and a division by 0.
 STD_FLOOR = 0.05
 
+POISSON_SQRT_STD = 0.5
+
 # Scale, in sqrt(demand) units, given to a window with (almost) no variation,
 # so a constant history predicts its constant with a narrow spread.
 CONSTANT_SCALE = 0.1
+
+# Scored forecasts needed before their residuals replace the normal distribution.
+MIN_RESIDUALS = 8
+
+# Resources whose demand is a count.
+DISCRETE = frozenset({"arrivals", "open_connections"})
 
 
 # --------------------------------------------------------------------------
@@ -71,10 +81,13 @@ CONSTANT_SCALE = 0.1
 class Forecast:
     """A predictive distribution of one user's demand at each step of the horizon.
 
-    `mean` and `std` are in sqrt(demand) units; demand itself is
-    max(mean + std * Z, 0) ** 2 where Z follows the calibration distribution
-    (`residuals`, sorted standardised errors of past forecasts) or, with no
-    residuals, the standard normal.
+    `mean` and `std` are in square-root units. For a count (`discrete`), the
+    model is of sqrt(y + U), with U uniform on [0, 1), a continuous variable
+    whose floor of the square is the count y; so P(y <= c) is
+    G((sqrt(c + 1) - mean) / std). For other demand it is of sqrt(y), and
+    P(y <= x) is G((sqrt(x) - mean) / std). G is the empirical distribution of
+    the standardised errors of past forecasts (`residuals`, sorted) once there
+    are enough of them, else the standard normal.
     """
 
     key: Hashable
@@ -85,57 +98,69 @@ class Forecast:
     std: np.ndarray
     residuals: np.ndarray = field(default_factory=lambda: np.empty(0))
     zero_probability: np.ndarray | None = None  # `sparse` model only
-    sizes: np.ndarray | None = None  # `sparse` model: observed non-zero sizes
+    sizes: np.ndarray | None = None  # `sparse` model: observed non-zero sizes, sorted
     period: int | None = None  # detected period in steps, if any
+    discrete: bool = True
 
     @property
     def horizon(self) -> int:
         return int(self.mean.size)
 
-    def _z(self, q: float) -> float:
-        if self.residuals.size >= 8:
-            return float(np.quantile(self.residuals, q, method="inverted_cdf"))
-        return float(ndtri(q))
+    def _z(self, levels: np.ndarray) -> np.ndarray:
+        if self.residuals.size >= MIN_RESIDUALS:
+            return np.quantile(self.residuals, levels, method="inverted_cdf")
+        return ndtri(levels)
+
+    def levels(self, qs: np.ndarray) -> np.ndarray:
+        """Return the quantiles of demand at levels qs, shape (horizon, len(qs))."""
+        qs = np.asarray(qs, dtype=float)
+        if np.any((qs <= 0.0) | (qs >= 1.0)):
+            raise ValueError(f"quantile levels {qs} must be in (0, 1)")
+        if self.model == "sparse":
+            return self._sparse_levels(qs)
+        root = np.maximum(self.mean[:, None] + self.std[:, None] * self._z(qs)[None, :], 0.0)
+        if self.discrete:
+            return np.maximum(np.ceil(root**2 - 1.0 - 1e-9), 0.0)
+        return root**2
+
+    def _sparse_levels(self, qs: np.ndarray) -> np.ndarray:
+        assert self.zero_probability is not None and self.sizes is not None
+        p0 = self.zero_probability[:, None]
+        inner = np.clip((qs[None, :] - p0) / np.maximum(1.0 - p0, 1e-12), 0.0, 1.0)
+        index = np.clip(np.ceil(inner * self.sizes.size - 1e-9).astype(int) - 1, 0, None)
+        return np.where(qs[None, :] <= p0, 0.0, self.sizes[index])
 
     def quantile(self, q: float) -> np.ndarray:
-        """Return the q-quantile of demand at each step (a float, not rounded)."""
-        if not 0.0 < q < 1.0:
-            raise ValueError(f"quantile {q} must be in (0, 1)")
-        if self.model == "sparse":
-            return self._sparse_quantile(q)
-        level = np.maximum(self.mean + self.std * self._z(q), 0.0)
-        return level**2
-
-    def _sparse_quantile(self, q: float) -> np.ndarray:
-        assert self.zero_probability is not None and self.sizes is not None
-        p0 = self.zero_probability
-        inner = np.clip((q - p0) / np.maximum(1.0 - p0, 1e-12), 0.0, 1.0)
-        sizes = np.sort(self.sizes) if self.sizes.size else np.ones(1)
-        upper = np.quantile(sizes, np.minimum(inner, 1.0), method="inverted_cdf")
-        return np.where(q <= p0, 0.0, upper)
+        """Return the q-quantile of demand at each step (whole for counts)."""
+        return self.levels(np.array([q]))[:, 0]
 
     def cdf(self, demand: np.ndarray | float) -> np.ndarray:
-        """Return P(demand <= x) at each step."""
-        x = np.asarray(demand, dtype=float)
+        """Return P(demand <= x) for the first step, for each x given."""
+        x = np.atleast_1d(np.asarray(demand, dtype=float))
         if self.model == "sparse":
             assert self.zero_probability is not None and self.sizes is not None
-            sizes = self.sizes if self.sizes.size else np.ones(1)
-            below = np.searchsorted(np.sort(sizes), x, side="right") / sizes.size
-            p0 = self.zero_probability
+            below = np.searchsorted(self.sizes, x, side="right") / self.sizes.size
+            p0 = float(self.zero_probability[0])
             return np.where(x < 0, 0.0, p0 + (1.0 - p0) * below)
-        z = (np.sqrt(np.maximum(x, 0.0)) - self.mean) / self.std
+        edge = np.floor(x) + 1.0 if self.discrete else x
+        z = (np.sqrt(np.maximum(edge, 0.0)) - self.mean[0]) / self.std[0]
         z = np.where(x < 0, -np.inf, z)
-        if self.residuals.size >= 8:
+        if self.residuals.size >= MIN_RESIDUALS:
             return np.searchsorted(self.residuals, z, side="right") / self.residuals.size
         return ndtr(z)
+
+    def residual(self, actual: float, jitter: float) -> float:
+        """Return the standardised error of the first step for an observed value."""
+        value = actual + jitter if self.discrete else actual
+        return (math.sqrt(max(value, 0.0)) - float(self.mean[0])) / float(self.std[0])
 
     def expected(self) -> np.ndarray:
         """Return the predictive mean of demand (not of its square root)."""
         if self.model == "sparse":
             assert self.zero_probability is not None and self.sizes is not None
-            size = float(np.mean(self.sizes)) if self.sizes.size else 1.0
-            return (1.0 - self.zero_probability) * size
-        return np.maximum(self.mean, 0.0) ** 2 + self.std**2
+            return (1.0 - self.zero_probability) * float(np.mean(self.sizes))
+        second = np.maximum(self.mean, 0.0) ** 2 + self.std**2
+        return np.maximum(second - 0.5, 0.0) if self.discrete else second
 
     def slots(self, q: float) -> np.ndarray:
         """Return the smallest whole number of slots covering demand with probability q."""
@@ -164,12 +189,19 @@ def ewma(values: np.ndarray, alpha: float = 0.3) -> tuple[float, float]:
 
 
 def _ewma_forecast(key, resource, values, horizon, step) -> Forecast:
-    root = np.sqrt(np.maximum(values, 0.0))
+    discrete = resource in DISCRETE
+    root = _root(values, discrete)
     mean, var = ewma(root)
     # With few samples the spread is unknown: widen by the prior std of 1.
     std = math.sqrt(var + 1.0 / (1.0 + values.size))
     return Forecast(
-        key, resource, "ewma", step, np.full(horizon, mean), np.full(horizon, max(std, STD_FLOOR))
+        key,
+        resource,
+        "ewma",
+        step,
+        np.full(horizon, mean),
+        np.full(horizon, max(std, STD_FLOOR)),
+        discrete=discrete,
     )
 
 
@@ -263,15 +295,25 @@ class KernelCache:
 
     step: float  # seconds between samples
     fitted: dict[tuple[int, int], Kernel] = field(default_factory=dict)
+    projections: dict[tuple[int, int, int], Projection] = field(default_factory=dict)
     fit_seconds: float = 0.0
     fits: int = 0
     max_fit_users: int = 64
 
     def kernel(self, n: int, period: int, standardised: np.ndarray) -> Kernel:
-        key = (n, period)
+        """Return the kernel for windows of n samples with a period (0: none).
+
+        One kernel without and one with a periodic part are fitted per window
+        length; other periods reuse the fitted periodic kernel with only its
+        period changed, so a user whose period changes costs no new fit.
+        """
+        key = (n, 1 if period else 0)
         if key not in self.fitted:
             self.fitted[key] = self._fit(n, period, standardised)
-        return self.fitted[key]
+        kernel = self.fitted[key]
+        if period:
+            kernel = clone(kernel).set_params(k2__k2__periodicity=period / n)
+        return kernel
 
     def _fit(self, n: int, period: int, standardised: np.ndarray) -> Kernel:
         kernel = base_kernel(self.step * n)
@@ -289,40 +331,71 @@ class KernelCache:
         log.debug("fitted kernel n=%s period=%s: %s", n, period, model.kernel_)
         return model.kernel_
 
+    def projection(self, n: int, period: int, horizon: int, standardised: np.ndarray) -> Projection:
+        """Return the cached projection for a window length, period and horizon."""
+        key = (n, period, horizon)
+        if key not in self.projections:
+            self.projections[key] = projection(self.kernel(n, period, standardised), n, horizon)
+        return self.projections[key]
+
     def invalidate(self) -> None:
         self.fitted.clear()
+        self.projections.clear()
 
 
 def _grid(n: int) -> np.ndarray:
     return (np.arange(n, dtype=float) / max(n - 1, 1))[:, None]
 
 
+@dataclass(frozen=True)
+class Projection:
+    """The linear map from a standardised window to its GP predictive distribution.
+
+    With fixed hyperparameters the posterior mean at the horizon is
+    `weights @ y` for every user's window y, and the posterior variance is
+    the same for all of them, so one Cholesky factorisation serves them all.
+    """
+
+    weights: np.ndarray  # (horizon, n)
+    std: np.ndarray  # (horizon,)
+
+
+def projection(kernel: Kernel, n: int, horizon: int) -> Projection:
+    """Factorise the kernel on the window grid and project onto the horizon."""
+    grid = _grid(n)
+    future = ((n - 1 + np.arange(1, horizon + 1, dtype=float)) / max(n - 1, 1))[:, None]
+    covariance = kernel(grid) + 1e-8 * np.eye(n)
+    factor = cho_factor(covariance, lower=True)
+    cross = kernel(future, grid)
+    weights = cho_solve(factor, cross.T).T
+    variance = kernel.diag(future) - np.einsum("ij,ij->i", cross, weights)
+    return Projection(weights, np.sqrt(np.maximum(variance, 0.0)))
+
+
+def _root(values: np.ndarray, discrete: bool) -> np.ndarray:
+    """Return the square root the models work on; counts get +1/2, the middle of U."""
+    return np.sqrt(np.maximum(values, 0.0) + (0.5 if discrete else 0.0))
+
+
 def gp_predict(
-    windows: np.ndarray, horizon: int, kernel: Kernel
+    windows: np.ndarray, projected: Projection, discrete: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return predictive mean and std in sqrt units for rows of equally spaced windows.
 
     windows: (users, n) demand, oldest first. Each row is square-rooted and
-    standardised; the std of a constant row is taken as 1, so it predicts its
-    constant with the kernel's noise as spread.
+    standardised; a row with (almost) no variation gets the scale
+    CONSTANT_SCALE, so it predicts its constant with a narrow spread.
     """
-    root = np.sqrt(np.maximum(windows, 0.0))
+    root = _root(windows, discrete)
     centre = root.mean(axis=1, keepdims=True)
     scale = np.maximum(root.std(axis=1, keepdims=True), CONSTANT_SCALE)
-    n = windows.shape[1]
-    model = GaussianProcessRegressor(kernel, optimizer=None, normalize_y=False)
-    model.fit(_grid(n), ((root - centre) / scale).T)
-    future = (n - 1 + np.arange(1, horizon + 1, dtype=float)) / max(n - 1, 1)
-    mean, std = model.predict(future[:, None], return_std=True)
-    mean = np.asarray(mean).reshape(horizon, -1).T
-    std = np.asarray(std).reshape(horizon, -1)
-    std = std[:, :1].T if std.shape[1] > 1 else std.T
-    return centre + scale * mean, np.maximum(scale * std, STD_FLOOR)
+    mean = ((root - centre) / scale) @ projected.weights.T
+    return centre + scale * mean, np.maximum(scale * projected.std[None, :], STD_FLOOR)
 
 
-def standardise(windows: np.ndarray) -> np.ndarray:
+def standardise(windows: np.ndarray, discrete: bool = True) -> np.ndarray:
     """Return the columns the kernel is fitted on: sqrt rows, standardised, as (n, users)."""
-    root = np.sqrt(np.maximum(windows, 0.0))
+    root = _root(windows, discrete)
     scale = root.std(axis=1, keepdims=True)
     scale = np.where(scale < 1e-3, 1.0, scale)
     return ((root - root.mean(axis=1, keepdims=True)) / scale).T
@@ -339,20 +412,24 @@ def pinball(actual: float, predicted: float, q: float) -> float:
     return q * diff if diff >= 0 else (q - 1.0) * diff
 
 
-def pit_below(forecast: Forecast, actual: float, q: float) -> float:
-    """Return P(PIT <= q) of one count observation, for step 0 of a forecast.
+def pit_below(forecast: Forecast, actual: float, q: float | np.ndarray) -> np.ndarray:
+    """Return P(PIT <= q) of one observation, for step 0 of a forecast, per level q.
 
-    For a discrete demand the probability integral transform is uniform on
+    For a count the probability integral transform is uniform on
     [F(y - 1), F(y)] (the non-randomised PIT of Czado, Gneiting and Held,
     Biometrics 2009). Its mean over many observations equals q when the
     forecasts are calibrated, so it measures coverage at level q without the
-    bias of the atoms of a count.
+    bias of the atoms of a count. For continuous demand it is 1 when
+    F(y) <= q, else 0.
     """
-    upper = float(forecast.cdf(actual)[0])
-    lower = float(forecast.cdf(actual - 1.0)[0]) if actual >= 1 else 0.0
+    levels = np.atleast_1d(np.asarray(q, dtype=float))
+    if not forecast.discrete:
+        return (forecast.cdf(actual)[0] <= levels).astype(float)
+    lower, upper = forecast.cdf(np.array([actual - 1.0, actual]))
+    lower = lower if actual >= 1 else 0.0
     if upper - lower < 1e-12:
-        return 1.0 if q >= upper else 0.0
-    return float(np.clip((q - lower) / (upper - lower), 0.0, 1.0))
+        return (levels >= upper).astype(float)
+    return np.clip((levels - lower) / (upper - lower), 0.0, 1.0)
 
 
 @dataclass
@@ -430,6 +507,7 @@ class Predictor:
         self.anomaly_total = 0
         self.refit_total = 0
         self.fit_seconds = 0.0
+        self.rng = np.random.default_rng(0)  # the U of count residuals
 
     # -- forecasting ------------------------------------------------------
 
@@ -469,12 +547,14 @@ class Predictor:
             out[row] = _sparse_forecast(keys[row], self.resource, windows[row], depth, self.step)
         for period in np.unique(periods[~sparse]):
             rows = np.flatnonzero(~sparse & (periods == period))
-            kernel = self.kernels.kernel(n, int(period), standardise(windows[rows]))
-            mean, std = gp_predict(windows[rows], depth, kernel)
+            discrete = self.resource in DISCRETE
+            fit_rows = standardise(windows[rows], discrete)
+            projected = self.kernels.projection(n, int(period), depth, fit_rows)
+            mean, std = gp_predict(windows[rows], projected, discrete)
             for i, row in enumerate(rows):
                 out[row] = Forecast(
-                    keys[row], self.resource, "gp", self.step, mean[i], std[i] if std.shape[0] > 1 else std[0],
-                    period=int(period) or None,
+                    keys[row], self.resource, "gp", self.step, mean[i], std[i],
+                    period=int(period) or None, discrete=discrete,
                 )
         return [f for f in out if f is not None]
 
@@ -484,7 +564,7 @@ class Predictor:
         if forecast.model != "sparse":
             if score is not None and len(score.residuals) >= self.settings.min_user_residuals:
                 residuals = np.sort(np.fromiter(score.residuals, float))
-            elif len(self.pooled.get(forecast.model, ())) >= 8:
+            elif len(self.pooled.get(forecast.model, ())) >= MIN_RESIDUALS:
                 residuals = np.sort(np.fromiter(self.pooled[forecast.model], float))
         return Forecast(
             forecast.key,
@@ -497,6 +577,7 @@ class Predictor:
             None if forecast.zero_probability is None else forecast.zero_probability[:horizon],
             forecast.sizes,
             forecast.period,
+            forecast.discrete,
         )
 
     def horizons(self, windows: np.ndarray) -> np.ndarray:
@@ -544,29 +625,34 @@ class Predictor:
         predicted = float(forecast.quantile(q)[0])
         score.covered.append(actual <= math.ceil(predicted - 1e-9))
         score.losses.append(pinball(actual, predicted, q))
-        score.pit.append(pit_below(forecast, actual, q))
+        score.pit.append(float(pit_below(forecast, actual, q)[0]))
         score.scored += 1
         if forecast.model != "sparse":
-            residual = (math.sqrt(max(actual, 0.0)) - float(forecast.mean[0])) / float(forecast.std[0])
+            residual = forecast.residual(actual, float(self.rng.random()))
             score.residuals.append(residual)
             self.pooled.setdefault(forecast.model, deque(maxlen=4096)).append(residual)
         self._check_drift(forecast.key, score)
         return self._check_anomaly(forecast, score, actual, label)
 
     def _check_anomaly(self, forecast: Forecast, score: UserScore, actual: float, label) -> bool:
+        # The square root of a Poisson count has a standard deviation of about
+        # 1/2 whatever its mean (Anscombe, Biometrika 1948): that noise is part
+        # of the bound, so a single connection after a quiet spell is no anomaly.
         if forecast.model == "sparse":
             assert forecast.sizes is not None
-            centre, spread = math.sqrt(float(np.max(forecast.sizes))), 0.5
+            centre, spread = math.sqrt(float(np.max(forecast.sizes))), POISSON_SQRT_STD
         else:
-            centre, spread = float(forecast.mean[0]), float(forecast.std[0])
-        z = (math.sqrt(max(actual, 0.0)) - centre) / spread
+            centre = float(forecast.mean[0])
+            spread = math.hypot(float(forecast.std[0]), POISSON_SQRT_STD)
+        offset = 0.5 if forecast.discrete else 0.0
+        z = (math.sqrt(max(actual, 0.0) + offset) - centre) / spread
         if z <= self.settings.anomaly_sigma:
             score.anomaly_run = 0
             return False
         score.anomalies += 1
         score.anomaly_run += 1
         self.anomaly_total += 1
-        bound = (centre + self.settings.anomaly_sigma * spread) ** 2
+        bound = (centre + self.settings.anomaly_sigma * spread) ** 2 - offset
         log.warning(
             "anomalous demand for %s: %s %.1f above bound %.1f (z=%.1f, model %s)",
             forecast.key, self.resource, actual, bound, z, forecast.model,
@@ -601,3 +687,118 @@ class Predictor:
     def status(self) -> dict[str, dict[str, object]]:
         """Return per-user scores for `broker status` and the metrics endpoint."""
         return {str(key): score.as_dict() for key, score in self.scores.items()}
+
+
+# --------------------------------------------------------------------------
+# The daemon's entry point: history in, forecasts per user and resource out
+# --------------------------------------------------------------------------
+
+# How samples of one planning step are combined into one value per resource.
+_AGGREGATE = {
+    "arrivals": "sum",
+    "open_connections": "max",
+    "cpu": "mean",
+    "memory": "max",
+}
+
+
+def settings_from_policy(forecast_policy) -> PredictorSettings:
+    """Return PredictorSettings from a broker.policy.ForecastPolicy."""
+    step = forecast_policy.plan_interval
+    return PredictorSettings(
+        quantile=forecast_policy.quantile,
+        window=forecast_policy.window,
+        horizon_min=max(1, math.ceil(forecast_policy.horizon_min / step)),
+        horizon_max=max(1, math.ceil(forecast_policy.horizon_max / step)),
+        anomaly_sigma=forecast_policy.anomaly_sigma,
+    )
+
+
+def bin_samples(times: np.ndarray, values: np.ndarray, step: float, how: str, now: float) -> tuple[np.ndarray, np.ndarray]:
+    """Return (bin start times, one value per complete step) from raw samples.
+
+    The step containing `now` is not complete and is left out. Steps without
+    samples count as 0 for sums and maxima (no connection was seen) and repeat
+    the previous value for means; NaN samples (no data from the kernel) are
+    skipped.
+    """
+    keep = np.isfinite(values) & (times < math.floor(now / step) * step)
+    times, values = times[keep], values[keep]
+    if times.size == 0:
+        return np.empty(0), np.empty(0)
+    index = np.floor(times / step).astype(np.int64)
+    first = int(index.min())
+    count = int(index.max()) - first + 1
+    slot = index - first
+    if how == "sum":
+        out = np.bincount(slot, weights=values, minlength=count)
+    elif how == "max":
+        out = np.zeros(count)
+        np.maximum.at(out, slot, values)
+    else:
+        sums = np.bincount(slot, weights=values, minlength=count)
+        seen = np.bincount(slot, minlength=count)
+        out = np.where(seen > 0, sums / np.maximum(seen, 1), np.nan)
+        for i in range(1, count):
+            if np.isnan(out[i]):
+                out[i] = out[i - 1]
+    return (first + np.arange(count)) * step, out
+
+
+class Forecaster:
+    """One Predictor per resource, fed from a DemandHistory.
+
+    `forecast_users` is the call the daemon runs in an executor each planning
+    tick. It first scores the previous tick's forecasts against the steps
+    completed since, then forecasts the next horizon for every user.
+    """
+
+    def __init__(self, forecast_policy, resources: tuple[str, ...] = ("open_connections", "arrivals")):
+        self.policy = forecast_policy
+        self.step = forecast_policy.plan_interval
+        settings = settings_from_policy(forecast_policy)
+        self.predictors = {r: Predictor(settings, self.step, r) for r in resources}
+        self.last: dict[tuple[Hashable, str], tuple[float, Forecast]] = {}
+
+    def forecast_users(self, history, uids: Iterable[Hashable], now: float) -> dict[Hashable, dict[str, Forecast]]:
+        out: dict[Hashable, dict[str, Forecast]] = {}
+        for resource, predictor in self.predictors.items():
+            groups: dict[int, list[tuple[Hashable, np.ndarray, np.ndarray]]] = {}
+            for uid in uids:
+                times, values = history.series(uid, resource)
+                starts, binned = bin_samples(times, values, self.step, _AGGREGATE.get(resource, "mean"), now)
+                binned = binned[-predictor.settings.window :]
+                starts = starts[-predictor.settings.window :]
+                self._score(uid, resource, starts, binned)
+                groups.setdefault(binned.size, []).append((uid, starts, binned))
+            for size, members in groups.items():
+                if size == 0:
+                    continue
+                keys = [m[0] for m in members]
+                windows = np.stack([m[2] for m in members])
+                forecasts = predictor.forecast_windows(keys, windows, members[0][1] if size else None)
+                for (uid, starts, _), forecast in zip(members, forecasts):
+                    out.setdefault(uid, {})[resource] = forecast
+                    self.last[(uid, resource)] = (float(starts[-1]) + self.step, forecast)
+        return out
+
+    def _score(self, uid, resource, starts: np.ndarray, binned: np.ndarray) -> None:
+        """Score the last forecast of uid against the step it forecast, once."""
+        previous = self.last.pop((uid, resource), None)
+        if previous is None:
+            return
+        target, forecast = previous
+        match = np.flatnonzero(np.isclose(starts, target))
+        if match.size:
+            self.predictors[resource].observe(forecast, float(binned[match[0]]), label=target)
+
+    def anomalies(self) -> set[Hashable]:
+        """Return the users whose last observed demand was anomalous."""
+        flagged: set[Hashable] = set()
+        for predictor in self.predictors.values():
+            flagged.update(k for k, s in predictor.scores.items() if s.anomaly_run)
+        return flagged
+
+    def status(self) -> dict[str, dict[str, dict[str, object]]]:
+        """Return scores per resource and user, for `broker status` and metrics."""
+        return {resource: p.status() for resource, p in self.predictors.items()}

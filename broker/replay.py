@@ -13,20 +13,17 @@ ends, as the reconciler never evicts a running process.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import heapq
-import json
 import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
-from scipy.special import ndtri
 
 from broker.errors import BrokerError
 from broker.predictor import Predictor, PredictorSettings, pit_below
@@ -473,7 +470,7 @@ class GaussianProcess(Method):
                 self.grid[row, k] = _slots_at_levels(forecast)
                 self.models[row, k] = forecast.model
                 actual = float(peak[row, k])
-                self.pit[row, k] = [pit_below(forecast, actual, q) for q in CALIBRATION_LEVELS]
+                self.pit[row, k] = pit_below(forecast, actual, CALIBRATION_LEVELS)
                 self.predictor.observe(forecast, actual, label=k)
             if self.progress:
                 self.progress(k - start + 1, count - start)
@@ -485,15 +482,7 @@ class GaussianProcess(Method):
 
 def _slots_at_levels(forecast) -> np.ndarray:
     """Return the forecast's slots at every level of GP_LEVELS, max over its horizon."""
-    if forecast.model == "sparse":
-        values = np.array([forecast.quantile(q).max() for q in GP_LEVELS])
-    else:
-        if forecast.residuals.size >= 8:
-            z = np.quantile(forecast.residuals, GP_LEVELS, method="inverted_cdf")
-        else:
-            z = ndtri(GP_LEVELS)
-        level = np.maximum(forecast.mean[:, None] + forecast.std[:, None] * z[None, :], 0.0)
-        values = (level**2).max(axis=0)
+    values = forecast.levels(GP_LEVELS).max(axis=0)
     return np.maximum(np.ceil(values - 1e-9), 0).astype(np.int32)
 
 
@@ -663,7 +652,7 @@ def build_method(name: str, trace: Trace, options: Options, progress=None) -> Me
     raise TraceError(f"unknown method {name!r}")
 
 
-def compare(trace: Trace, options: Options, progress: "Progress | None" = None) -> dict[str, object]:
+def compare(trace: Trace, options: Options, progress: Progress | None = None) -> dict[str, object]:
     """Run every method on the trace and return the `--json` object."""
     demand = measure_demand(trace, options.interval)
     if demand.shape[1] <= options.warmup:
