@@ -111,7 +111,9 @@ def _weights(settings: ForecastPolicy) -> dict[str, float]:
     return weights
 
 
-def _needed(forecasts: Mapping[str, Forecast], settings: ForecastPolicy, weight: float) -> tuple[float, str, Forecast | None]:
+def _needed(
+    forecasts: Mapping[str, Forecast], settings: ForecastPolicy, weight: float
+) -> tuple[float, str, Forecast | None]:
     """Return the needed concurrency at the quantile, its derivation and the forecast used."""
     q = settings.quantile
     parts, chosen, value = [], None, 0.0
@@ -124,7 +126,9 @@ def _needed(forecasts: Mapping[str, Forecast], settings: ForecastPolicy, weight:
     if arrivals is not None:
         rate = float(arrivals.quantile(q).max()) / arrivals.step
         little = rate * settings.service_time
-        parts.append(f"arrivals q{q:g} {rate:.3f}/s x service time {settings.service_time:g} s = {little:.2f}")
+        parts.append(
+            f"arrivals q{q:g} {rate:.3f}/s x service time {settings.service_time:g} s = {little:.2f}"
+        )
         if chosen is None or little > value:
             chosen, value = arrivals, little
     text = f"max({'; '.join(parts)}) x weight {weight:g}" if parts else "no forecast"
@@ -154,7 +158,7 @@ def _tier_mix(
             f" >= {wide:g}: one extra slot" if extra else f" < {wide:g}: no extra slot"
         )
         return {light.name: slots + extra}, how
-    heavy_slots = int(round(slots * share))
+    heavy_slots = round(slots * share)
     how = (
         f"interval width {width:.2f} between {narrow:g} and {wide:g}: "
         f"{share:.0%} of slots in {heavy.name}"
@@ -163,16 +167,25 @@ def _tier_mix(
 
 
 def _per_slot(
-    tier: Tier, forecasts: Mapping[str, Forecast], slots: int, settings: ForecastPolicy, weights: dict[str, float]
+    tier: Tier,
+    forecasts: Mapping[str, Forecast],
+    slots: int,
+    settings: ForecastPolicy,
+    weights: dict[str, float],
 ) -> tuple[int, int, str]:
     """Return memory.min and cpu.weight per slot of a tier, and how."""
     q = settings.quantile
-    memory_min, how = tier.memory_min, f"{tier.name}: memory.min {tier.memory_min} (tier)"
+    memory_min, how = (
+        tier.memory_min,
+        f"{tier.name}: memory.min {tier.memory_min} (tier)",
+    )
     memory = forecasts.get("memory")
     opened = forecasts.get("open_connections")
     if memory is not None and slots > 0:
         connections = max(float(opened.expected()[0]) if opened else 1.0, 1.0)
-        per_connection = float(memory.quantile(q).max()) / connections * weights["memory"]
+        per_connection = (
+            float(memory.quantile(q).max()) / connections * weights["memory"]
+        )
         ceiling = tier.memory_high if tier.memory_high is not None else math.inf
         memory_min = int(min(max(tier.memory_min, per_connection), ceiling))
         how = f"{tier.name}: memory.min max(tier {tier.memory_min}, q{q:g} memory per connection {per_connection:.0f})"
@@ -181,13 +194,17 @@ def _per_slot(
     if cpu is not None and slots > 0:
         cores = float(cpu.quantile(q).max()) / slots * weights["cpu"]
         cpu_weight = int(min(CPU_WEIGHT_MAX, round(tier.cpu_weight * max(1.0, cores))))
-        how += f", cpu.weight tier {tier.cpu_weight} x max(1, {cores:.2f} cores per slot)"
+        how += (
+            f", cpu.weight tier {tier.cpu_weight} x max(1, {cores:.2f} cores per slot)"
+        )
     else:
         how += f", cpu.weight {tier.cpu_weight} (tier)"
     return memory_min, cpu_weight, how
 
 
-def _warm_rate(policy: Policy, slots: dict[str, int], weight: float) -> tuple[int | None, str]:
+def _warm_rate(
+    policy: Policy, slots: dict[str, int], weight: float
+) -> tuple[int | None, str]:
     if not policy.interfaces:
         return None, "no shaped interface"
     rates = []
@@ -195,19 +212,28 @@ def _warm_rate(policy: Policy, slots: dict[str, int], weight: float) -> tuple[in
         tier_rates = iface.tier_rates()
         total = sum(n * tier_rates[t].rate for t, n in slots.items() if t in tier_rates)
         rates.append(min(int(total * weight), iface.user.ceil))
-    return max(rates), f"sum of slots x tier class rate x weight {weight:g}, at most the user ceil"
+    return max(
+        rates
+    ), f"sum of slots x tier class rate x weight {weight:g}, at most the user ceil"
 
 
 def plan_user(
-    uid: Hashable, policy: Policy, user: UserPolicy, forecasts: Mapping[str, Forecast], anomaly: bool = False
+    uid: Hashable,
+    policy: Policy,
+    user: UserPolicy,
+    forecasts: Mapping[str, Forecast],
+    anomaly: bool = False,
 ) -> UserPlan:
     """Return the plan of one user before the host-wide memory cap."""
     settings = policy.forecast
     weights = _weights(settings)
     needed, needed_how, main = _needed(forecasts, settings, weights["connections"])
     width = _width(main)
-    slots = int(math.ceil(needed - 1e-9))
-    tiers = sorted((policy.tier(name) for name, _ in user.pool), key=lambda t: (t.memory_min, t.cpu_weight))
+    slots = math.ceil(needed - 1e-9)
+    tiers = sorted(
+        (policy.tier(name) for name, _ in user.pool),
+        key=lambda t: (t.memory_min, t.cpu_weight),
+    )
     if not tiers:
         tiers = list(policy.tiers[:1])
     mix, mix_how = _tier_mix(slots, tiers, width, settings)
@@ -221,11 +247,15 @@ def plan_user(
         ("tiers", mix_how),
     ]
     if capped:
-        derivation.append(("cap", f"at most max_slots {user.max_slots} ({user.source})"))
+        derivation.append(
+            ("cap", f"at most max_slots {user.max_slots} ({user.source})")
+        )
     plans = []
     for tier in tiers:
         count = mix.get(tier.name, 0)
-        memory_min, cpu_weight, how = _per_slot(tier, forecasts, count, settings, weights)
+        memory_min, cpu_weight, how = _per_slot(
+            tier, forecasts, count, settings, weights
+        )
         plans.append(TierPlan(tier.name, count, memory_min, cpu_weight))
         derivation.append((f"slot {tier.name}", how))
     rate, rate_how = _warm_rate(policy, mix, weights["bandwidth"])
@@ -294,19 +324,25 @@ def plan(
     return _apply_memory_cap(plans, limit)
 
 
-def _apply_memory_cap(plans: dict[Hashable, UserPlan], limit: int) -> dict[Hashable, UserPlan]:
+def _apply_memory_cap(
+    plans: dict[Hashable, UserPlan], limit: int
+) -> dict[Hashable, UserPlan]:
     """Remove slots from the largest pools until the sum of memory.min fits the limit."""
     total = sum(p.memory_min_total() for p in plans.values())
     if total <= limit:
         return plans
     counts = {uid: {t.tier: t.slots for t in p.tiers} for uid, p in plans.items()}
     sizes = {uid: {t.tier: t.memory_min for t in p.tiers} for uid, p in plans.items()}
-    heap = [(-p.total_slots(), str(uid), uid) for uid, p in plans.items() if p.total_slots()]
+    heap = [
+        (-p.total_slots(), str(uid), uid) for uid, p in plans.items() if p.total_slots()
+    ]
     heapq.heapify(heap)
     removed: dict[Hashable, int] = {}
     while total > limit and heap:
         negative, label, uid = heapq.heappop(heap)
-        tier = max((t for t, n in counts[uid].items() if n > 0), key=lambda t: sizes[uid][t])
+        tier = max(
+            (t for t, n in counts[uid].items() if n > 0), key=lambda t: sizes[uid][t]
+        )
         counts[uid][tier] -= 1
         total -= sizes[uid][tier]
         removed[uid] = removed.get(uid, 0) + 1
@@ -314,7 +350,9 @@ def _apply_memory_cap(plans: dict[Hashable, UserPlan], limit: int) -> dict[Hasha
             heapq.heappush(heap, (negative + 1, label, uid))
     log.warning(
         "sum of memory.min over all slots exceeds the host cap of %d bytes: removed %d slot(s) from %d user(s)",
-        limit, sum(removed.values()), len(removed),
+        limit,
+        sum(removed.values()),
+        len(removed),
     )
     out = dict(plans)
     for uid, count in removed.items():
@@ -322,12 +360,28 @@ def _apply_memory_cap(plans: dict[Hashable, UserPlan], limit: int) -> dict[Hasha
     return out
 
 
-def _with_counts(plan: UserPlan, counts: dict[str, int], removed: int, limit: int) -> UserPlan:
-    tiers = tuple(TierPlan(t.tier, counts[t.tier], t.memory_min, t.cpu_weight) for t in plan.tiers)
-    note = ("host cap", f"{removed} slot(s) removed: sum of memory.min over all users above {limit} bytes")
+def _with_counts(
+    plan: UserPlan, counts: dict[str, int], removed: int, limit: int
+) -> UserPlan:
+    tiers = tuple(
+        TierPlan(t.tier, counts[t.tier], t.memory_min, t.cpu_weight) for t in plan.tiers
+    )
+    note = (
+        "host cap",
+        f"{removed} slot(s) removed: sum of memory.min over all users above {limit} bytes",
+    )
     return UserPlan(
-        plan.uid, tiers, plan.model, plan.quantile, plan.horizon, plan.needed, plan.interval_width,
-        plan.warm_rate, plan.anomaly, plan.capped + ("host memory",), plan.derivation + (note,),
+        plan.uid,
+        tiers,
+        plan.model,
+        plan.quantile,
+        plan.horizon,
+        plan.needed,
+        plan.interval_width,
+        plan.warm_rate,
+        plan.anomaly,
+        plan.capped + ("host memory",),
+        plan.derivation + (note,),
     )
 
 
@@ -349,7 +403,12 @@ def explain_dict(plan: UserPlan) -> dict[str, object]:
         "capped": list(plan.capped),
         "warm_rate_bits": plan.warm_rate,
         "tiers": [
-            {"tier": t.tier, "slots": t.slots, "memory.min": t.memory_min, "cpu.weight": t.cpu_weight}
+            {
+                "tier": t.tier,
+                "slots": t.slots,
+                "memory.min": t.memory_min,
+                "cpu.weight": t.cpu_weight,
+            }
             for t in plan.tiers
         ],
         "derivation": {name: text for name, text in plan.derivation},
@@ -364,7 +423,9 @@ def explain_text(plan: UserPlan) -> str:
         f"  model {plan.model}, quantile {plan.quantile:g}, horizon {plan.horizon:g} s",
     ]
     if plan.anomaly:
-        lines.append("  anomaly: demand far above the forecast bound; pool capped at max_slots")
+        lines.append(
+            "  anomaly: demand far above the forecast bound; pool capped at max_slots"
+        )
     for name, text in plan.derivation:
         lines.append(f"  {name}: {text}")
     if plan.warm_rate is not None:

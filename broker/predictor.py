@@ -38,6 +38,7 @@ from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import stats
 from scipy.linalg import cho_factor, cho_solve
 from scipy.special import ndtr, ndtri
 from sklearn.base import clone
@@ -118,7 +119,9 @@ class Forecast:
             raise ValueError(f"quantile levels {qs} must be in (0, 1)")
         if self.model == "sparse":
             return self._sparse_levels(qs)
-        root = np.maximum(self.mean[:, None] + self.std[:, None] * self._z(qs)[None, :], 0.0)
+        root = np.maximum(
+            self.mean[:, None] + self.std[:, None] * self._z(qs)[None, :], 0.0
+        )
         if self.discrete:
             return np.maximum(np.ceil(root**2 - 1.0 - 1e-9), 0.0)
         return root**2
@@ -127,7 +130,9 @@ class Forecast:
         assert self.zero_probability is not None and self.sizes is not None
         p0 = self.zero_probability[:, None]
         inner = np.clip((qs[None, :] - p0) / np.maximum(1.0 - p0, 1e-12), 0.0, 1.0)
-        index = np.clip(np.ceil(inner * self.sizes.size - 1e-9).astype(int) - 1, 0, None)
+        index = np.clip(
+            np.ceil(inner * self.sizes.size - 1e-9).astype(int) - 1, 0, None
+        )
         return np.where(qs[None, :] <= p0, 0.0, self.sizes[index])
 
     def quantile(self, q: float) -> np.ndarray:
@@ -146,7 +151,9 @@ class Forecast:
         z = (np.sqrt(np.maximum(edge, 0.0)) - self.mean[0]) / self.std[0]
         z = np.where(x < 0, -np.inf, z)
         if self.residuals.size >= MIN_RESIDUALS:
-            return np.searchsorted(self.residuals, z, side="right") / self.residuals.size
+            return (
+                np.searchsorted(self.residuals, z, side="right") / self.residuals.size
+            )
         return ndtr(z)
 
     def residual(self, actual: float, jitter: float) -> float:
@@ -165,6 +172,40 @@ class Forecast:
     def slots(self, q: float) -> np.ndarray:
         """Return the smallest whole number of slots covering demand with probability q."""
         return np.maximum(np.ceil(self.quantile(q) - 1e-9), 0.0)
+
+
+def little_slots(busy: Forecast, levels: np.ndarray) -> np.ndarray:
+    """Return the slots that give a share q of arrivals a free slot, per step and level.
+
+    By Little's law the mean number of open connections L is the arrival rate
+    times the service time; `busy` forecasts L. For Poisson arrivals the
+    number of connections an arrival finds open is Poisson with mean L (PASTA,
+    and the M/G/infinity queue), so q of arrivals find a free slot when the
+    pool is one more than its q-quantile. The forecast's uncertainty about L
+    makes the count mixed Poisson, taken here as the negative binomial with
+    the same mean and variance.
+    """
+    return little_slots_arrays(busy.mean, busy.std, levels)
+
+
+def little_slots_arrays(
+    mean: np.ndarray, std: np.ndarray, levels: np.ndarray
+) -> np.ndarray:
+    """Return `little_slots` for arrays of sqrt-unit means and stds (any shape),
+    with the levels as a new last axis."""
+    root = np.maximum(mean, 0.0)[..., None]
+    spread_root = np.asarray(std, dtype=float)[..., None]
+    rate = np.maximum(root**2 + spread_root**2, 1e-12)
+    spread = 4.0 * root**2 * spread_root**2 + 2.0 * spread_root**4
+    qs = np.asarray(levels, dtype=float)
+    poisson_like = spread < 1e-9 * rate
+    safe = np.where(poisson_like, 1.0, spread)
+    found = np.where(
+        poisson_like,
+        stats.poisson.ppf(qs, rate),
+        stats.nbinom.ppf(qs, rate**2 / safe, rate / (rate + safe)),
+    )
+    return 1.0 + np.nan_to_num(found, nan=0.0)
 
 
 # --------------------------------------------------------------------------
@@ -226,7 +267,9 @@ def _sparse_forecast(key, resource, values, horizon, step) -> Forecast:
 # --------------------------------------------------------------------------
 
 
-def detect_periods(windows: np.ndarray, min_lag: int = 2, threshold: float = 0.5) -> np.ndarray:
+def detect_periods(
+    windows: np.ndarray, min_lag: int = 2, threshold: float = 0.5
+) -> np.ndarray:
     """Return each row's dominant period in steps, or 0 where none is clear.
 
     A period is the lag, up to a third of the window, with the largest
@@ -239,7 +282,7 @@ def detect_periods(windows: np.ndarray, min_lag: int = 2, threshold: float = 0.5
     if max_lag < min_lag:
         return out
     centred = windows - windows.mean(axis=1, keepdims=True)
-    size = 1 << int(math.ceil(math.log2(2 * n)))
+    size = 1 << math.ceil(math.log2(2 * n))
     spectrum = np.fft.rfft(centred, size, axis=1)
     acf = np.fft.irfft(spectrum * np.conj(spectrum), size, axis=1)[:, : max_lag + 1]
     energy = acf[:, :1]
@@ -324,18 +367,24 @@ class KernelCache:
         started = time.process_time()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            model = GaussianProcessRegressor(kernel, normalize_y=False, n_restarts_optimizer=0)
+            model = GaussianProcessRegressor(
+                kernel, normalize_y=False, n_restarts_optimizer=0
+            )
             model.fit(_grid(n), standardised[:, order])
         self.fit_seconds += time.process_time() - started
         self.fits += 1
         log.debug("fitted kernel n=%s period=%s: %s", n, period, model.kernel_)
         return model.kernel_
 
-    def projection(self, n: int, period: int, horizon: int, standardised: np.ndarray) -> Projection:
+    def projection(
+        self, n: int, period: int, horizon: int, standardised: np.ndarray
+    ) -> Projection:
         """Return the cached projection for a window length, period and horizon."""
         key = (n, period, horizon)
         if key not in self.projections:
-            self.projections[key] = projection(self.kernel(n, period, standardised), n, horizon)
+            self.projections[key] = projection(
+                self.kernel(n, period, standardised), n, horizon
+            )
         return self.projections[key]
 
     def invalidate(self) -> None:
@@ -496,7 +545,12 @@ class Predictor:
     state. The two must not run at the same time for the same predictor.
     """
 
-    def __init__(self, settings: PredictorSettings, step: float, resource: str = "open_connections"):
+    def __init__(
+        self,
+        settings: PredictorSettings,
+        step: float,
+        resource: str = "open_connections",
+    ):
         self.settings = settings
         self.step = step
         self.resource = resource
@@ -537,14 +591,19 @@ class Predictor:
             n = 1 << int(math.log2(n))
             windows = windows[:, -n:]
         if n < self.settings.min_samples:
-            return [_ewma_forecast(k, self.resource, w, depth, self.step) for k, w in zip(keys, windows)]
+            return [
+                _ewma_forecast(k, self.resource, w, depth, self.step)
+                for k, w in zip(keys, windows)
+            ]
         root = np.sqrt(np.maximum(windows, 0.0))
         periods = detect_periods(root, threshold=self.settings.period_threshold)
         active = (windows > 0).sum(axis=1)
         sparse = (active < self.settings.min_active) & (periods == 0)
         out: list[Forecast | None] = [None] * len(keys)
         for row in np.flatnonzero(sparse):
-            out[row] = _sparse_forecast(keys[row], self.resource, windows[row], depth, self.step)
+            out[row] = _sparse_forecast(
+                keys[row], self.resource, windows[row], depth, self.step
+            )
         for period in np.unique(periods[~sparse]):
             rows = np.flatnonzero(~sparse & (periods == period))
             discrete = self.resource in DISCRETE
@@ -553,8 +612,14 @@ class Predictor:
             mean, std = gp_predict(windows[rows], projected, discrete)
             for i, row in enumerate(rows):
                 out[row] = Forecast(
-                    keys[row], self.resource, "gp", self.step, mean[i], std[i],
-                    period=int(period) or None, discrete=discrete,
+                    keys[row],
+                    self.resource,
+                    "gp",
+                    self.step,
+                    mean[i],
+                    std[i],
+                    period=int(period) or None,
+                    discrete=discrete,
                 )
         return [f for f in out if f is not None]
 
@@ -562,7 +627,10 @@ class Predictor:
         score = self.scores.get(forecast.key)
         residuals = np.empty(0)
         if forecast.model != "sparse":
-            if score is not None and len(score.residuals) >= self.settings.min_user_residuals:
+            if (
+                score is not None
+                and len(score.residuals) >= self.settings.min_user_residuals
+            ):
                 residuals = np.sort(np.fromiter(score.residuals, float))
             elif len(self.pooled.get(forecast.model, ())) >= MIN_RESIDUALS:
                 residuals = np.sort(np.fromiter(self.pooled[forecast.model], float))
@@ -574,7 +642,9 @@ class Predictor:
             forecast.mean[:horizon],
             np.broadcast_to(forecast.std, forecast.mean.shape)[:horizon].copy(),
             residuals,
-            None if forecast.zero_probability is None else forecast.zero_probability[:horizon],
+            None
+            if forecast.zero_probability is None
+            else forecast.zero_probability[:horizon],
             forecast.sizes,
             forecast.period,
             forecast.discrete,
@@ -610,7 +680,9 @@ class Predictor:
 
     # -- feedback ---------------------------------------------------------
 
-    def observe(self, forecast: Forecast, actual: float, label: float | None = None) -> bool:
+    def observe(
+        self, forecast: Forecast, actual: float, label: float | None = None
+    ) -> bool:
         """Score the first step of a forecast against the actual demand.
 
         Returns True when the actual is anomalous: above the forecast's
@@ -634,7 +706,9 @@ class Predictor:
         self._check_drift(forecast.key, score)
         return self._check_anomaly(forecast, score, actual, label)
 
-    def _check_anomaly(self, forecast: Forecast, score: UserScore, actual: float, label) -> bool:
+    def _check_anomaly(
+        self, forecast: Forecast, score: UserScore, actual: float, label
+    ) -> bool:
         # The square root of a Poisson count has a standard deviation of about
         # 1/2 whatever its mean (Anscombe, Biometrika 1948): that noise is part
         # of the bound, so a single connection after a quiet spell is no anomaly.
@@ -655,7 +729,12 @@ class Predictor:
         bound = (centre + self.settings.anomaly_sigma * spread) ** 2 - offset
         log.warning(
             "anomalous demand for %s: %s %.1f above bound %.1f (z=%.1f, model %s)",
-            forecast.key, self.resource, actual, bound, z, forecast.model,
+            forecast.key,
+            self.resource,
+            actual,
+            bound,
+            z,
+            forecast.model,
         )
         replaced = self.replaced.setdefault(forecast.key, {})
         if score.anomaly_run >= self.settings.anomaly_persist:
@@ -666,14 +745,22 @@ class Predictor:
 
     def _check_drift(self, key: Hashable, score: UserScore) -> None:
         settings = self.settings
-        if score.scored < settings.refit_min_scored or score.scored % settings.refit_min_scored:
+        if (
+            score.scored < settings.refit_min_scored
+            or score.scored % settings.refit_min_scored
+        ):
             return
         coverage = score.coverage()
-        if coverage is None or abs(coverage - settings.quantile) <= settings.refit_tolerance:
+        if (
+            coverage is None
+            or abs(coverage - settings.quantile) <= settings.refit_tolerance
+        ):
             return
         log.info(
             "coverage of %s is %.2f against %.2f nominal: refitting kernels",
-            key, coverage, settings.quantile,
+            key,
+            coverage,
+            settings.quantile,
         )
         score.refits += 1
         self.refit_total += 1
@@ -714,7 +801,9 @@ def settings_from_policy(forecast_policy) -> PredictorSettings:
     )
 
 
-def bin_samples(times: np.ndarray, values: np.ndarray, step: float, how: str, now: float) -> tuple[np.ndarray, np.ndarray]:
+def bin_samples(
+    times: np.ndarray, values: np.ndarray, step: float, how: str, now: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Return (bin start times, one value per complete step) from raw samples.
 
     The step containing `now` is not complete and is left out. Steps without
@@ -753,20 +842,28 @@ class Forecaster:
     completed since, then forecasts the next horizon for every user.
     """
 
-    def __init__(self, forecast_policy, resources: tuple[str, ...] = ("open_connections", "arrivals")):
+    def __init__(
+        self,
+        forecast_policy,
+        resources: tuple[str, ...] = ("open_connections", "arrivals"),
+    ):
         self.policy = forecast_policy
         self.step = forecast_policy.plan_interval
         settings = settings_from_policy(forecast_policy)
         self.predictors = {r: Predictor(settings, self.step, r) for r in resources}
         self.last: dict[tuple[Hashable, str], tuple[float, Forecast]] = {}
 
-    def forecast_users(self, history, uids: Iterable[Hashable], now: float) -> dict[Hashable, dict[str, Forecast]]:
+    def forecast_users(
+        self, history, uids: Iterable[Hashable], now: float
+    ) -> dict[Hashable, dict[str, Forecast]]:
         out: dict[Hashable, dict[str, Forecast]] = {}
         for resource, predictor in self.predictors.items():
             groups: dict[int, list[tuple[Hashable, np.ndarray, np.ndarray]]] = {}
             for uid in uids:
                 times, values = history.series(uid, resource)
-                starts, binned = bin_samples(times, values, self.step, _AGGREGATE.get(resource, "mean"), now)
+                starts, binned = bin_samples(
+                    times, values, self.step, _AGGREGATE.get(resource, "mean"), now
+                )
                 binned = binned[-predictor.settings.window :]
                 starts = starts[-predictor.settings.window :]
                 self._score(uid, resource, starts, binned)
@@ -776,10 +873,15 @@ class Forecaster:
                     continue
                 keys = [m[0] for m in members]
                 windows = np.stack([m[2] for m in members])
-                forecasts = predictor.forecast_windows(keys, windows, members[0][1] if size else None)
+                forecasts = predictor.forecast_windows(
+                    keys, windows, members[0][1] if size else None
+                )
                 for (uid, starts, _), forecast in zip(members, forecasts):
                     out.setdefault(uid, {})[resource] = forecast
-                    self.last[(uid, resource)] = (float(starts[-1]) + self.step, forecast)
+                    self.last[(uid, resource)] = (
+                        float(starts[-1]) + self.step,
+                        forecast,
+                    )
         return out
 
     def _score(self, uid, resource, starts: np.ndarray, binned: np.ndarray) -> None:
@@ -790,7 +892,9 @@ class Forecaster:
         target, forecast = previous
         match = np.flatnonzero(np.isclose(starts, target))
         if match.size:
-            self.predictors[resource].observe(forecast, float(binned[match[0]]), label=target)
+            self.predictors[resource].observe(
+                forecast, float(binned[match[0]]), label=target
+            )
 
     def anomalies(self) -> set[Hashable]:
         """Return the users whose last observed demand was anomalous."""

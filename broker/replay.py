@@ -13,8 +13,10 @@ ends, as the reconciler never evicts a running process.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import heapq
+import json
 import logging
 import math
 import sys
@@ -26,7 +28,12 @@ from pathlib import Path
 import numpy as np
 
 from broker.errors import BrokerError
-from broker.predictor import Predictor, PredictorSettings, pit_below
+from broker.predictor import (
+    Predictor,
+    PredictorSettings,
+    little_slots_arrays,
+    pit_below,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,14 +96,22 @@ def load_azure_functions(directory: Path, seed: int = 0, spread: float = 60.0) -
     functions.
     """
     rows = _read_csv(directory / "invocations.csv")
-    durations = {r["HashFunction"]: float(r["Average"]) / 1000.0 for r in _read_csv(directory / "durations.csv")}
+    durations = {
+        r["HashFunction"]: float(r["Average"]) / 1000.0
+        for r in _read_csv(directory / "durations.csv")
+    }
     memory_path = directory / "memory.csv"
     memory = {}
     if memory_path.exists():
-        memory = {r["HashFunction"]: float(r["AverageAllocatedMb"]) for r in _read_csv(memory_path)}
+        memory = {
+            r["HashFunction"]: float(r["AverageAllocatedMb"])
+            for r in _read_csv(memory_path)
+        }
     minutes = [c for c in rows[0] if c.isdigit()] if rows else []
     if not minutes:
-        raise TraceError(f"{directory / 'invocations.csv'}: no minute columns (480, 481, ...)")
+        raise TraceError(
+            f"{directory / 'invocations.csv'}: no minute columns (480, 481, ...)"
+        )
     rng = np.random.default_rng(seed)
     parts: dict[str, tuple[list, list, list]] = {}
     for row in rows:
@@ -108,12 +123,18 @@ def load_azure_functions(directory: Path, seed: int = 0, spread: float = 60.0) -
         starts.append(start)
         services.append(np.full(start.size, service))
         memories.append(memory.get(row["HashFunction"], 0.0))
-    users = [_user_from_parts(owner, s, d, max(m)) for owner, (s, d, m) in parts.items()]
+    users = [
+        _user_from_parts(owner, s, d, max(m)) for owner, (s, d, m) in parts.items()
+    ]
     return Trace(users, len(minutes) * spread, str(directory))
 
 
 def load_csv(
-    path: Path, seed: int = 0, spread: float = 0.0, service_time: float = 1.0, memory_mb: float = 64.0
+    path: Path,
+    seed: int = 0,
+    spread: float = 0.0,
+    service_time: float = 1.0,
+    memory_mb: float = 64.0,
 ) -> Trace:
     """Load `timestamp,user[,count][,duration_s][,memory_mb]` rows (seconds as float).
 
@@ -137,13 +158,19 @@ def load_csv(
         starts.append(stamp + rng.random(count) * spread)
         services.append(np.full(count, max(duration, MIN_SERVICE_TIME)))
         memories.append(memory)
-    origin = min(float(np.min(s)) for s, _, _ in parts.values() for s in s if s.size) if parts else 0.0
+    origin = (
+        min(float(np.min(s)) for s, _, _ in parts.values() for s in s if s.size)
+        if parts
+        else 0.0
+    )
     users = []
     for name, (s, d, m) in parts.items():
         user = _user_from_parts(name, s, d, max(m))
         user.start = user.start - origin
         users.append(user)
-    length = max((float(u.start[-1]) for u in users if u.start.size), default=0.0) + max(spread, 1e-9)
+    length = max(
+        (float(u.start[-1]) for u in users if u.start.size), default=0.0
+    ) + max(spread, 1e-9)
     return Trace(users, length, str(path))
 
 
@@ -155,11 +182,15 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         raise TraceError(f"cannot read trace {path}: {exc.strerror}") from exc
 
 
-def load_trace(path: Path, seed: int = 0, spread: float | None = None, service_time: float = 1.0) -> Trace:
+def load_trace(
+    path: Path, seed: int = 0, spread: float | None = None, service_time: float = 1.0
+) -> Trace:
     """Load a trace from a directory in the Azure Functions layout or a CSV file."""
     if path.is_dir():
         if not (path / "invocations.csv").exists():
-            raise TraceError(f"{path}: a directory trace needs invocations.csv and durations.csv")
+            raise TraceError(
+                f"{path}: a directory trace needs invocations.csv and durations.csv"
+            )
         return load_azure_functions(path, seed, 60.0 if spread is None else spread)
     return load_csv(path, seed, 0.0 if spread is None else spread, service_time)
 
@@ -215,7 +246,7 @@ def _busy_integral(times: np.ndarray, level: np.ndarray, at: np.ndarray) -> np.n
 
 def measure_demand(trace: Trace, interval: float) -> Demand:
     """Return arrivals, peak and mean open connections per user and interval."""
-    count = int(math.ceil(trace.length / interval - 1e-9))
+    count = math.ceil(trace.length / interval - 1e-9)
     bounds = np.arange(count + 1) * interval
     shape = (len(trace.users), count)
     arrivals, peak, busy = np.zeros(shape), np.zeros(shape), np.zeros(shape)
@@ -264,7 +295,9 @@ def _serve_interval(
     return accepted
 
 
-def _accepted(user: UserArrivals, pools: np.ndarray, peak: np.ndarray, interval: float) -> np.ndarray:
+def _accepted(
+    user: UserArrivals, pools: np.ndarray, peak: np.ndarray, interval: float
+) -> np.ndarray:
     """Return which arrivals of one user got a warm slot under per-interval pools.
 
     Where the pool covers the interval's peak of all open connections, every
@@ -284,17 +317,23 @@ def _accepted(user: UserArrivals, pools: np.ndarray, peak: np.ndarray, interval:
         back = np.searchsorted(user.start, first - longest)
         ends = user.end[back:lo][accepted[back:lo]]
         carry = ends[ends > first].tolist()
-        accepted[lo:hi] = _serve_interval(int(pools[k]), carry, user.start[lo:hi], user.end[lo:hi])
+        accepted[lo:hi] = _serve_interval(
+            int(pools[k]), carry, user.start[lo:hi], user.end[lo:hi]
+        )
     return accepted
 
 
-def _idle(user: UserArrivals, accepted: np.ndarray, pools: np.ndarray, interval: float) -> np.ndarray:
+def _idle(
+    user: UserArrivals, accepted: np.ndarray, pools: np.ndarray, interval: float
+) -> np.ndarray:
     """Return per interval the integral of max(pool - busy warm slots, 0)."""
     length = pools.size * interval
     bounds = np.arange(pools.size + 1) * interval
     start, end = user.start[accepted], np.minimum(user.end[accepted], length)
     times = np.concatenate([start, end, bounds])
-    steps = np.concatenate([np.ones(start.size), -np.ones(end.size), np.zeros(bounds.size)])
+    steps = np.concatenate(
+        [np.ones(start.size), -np.ones(end.size), np.zeros(bounds.size)]
+    )
     order = np.argsort(times, kind="stable")
     times, level = times[order], np.cumsum(steps[order])
     widths = np.diff(times)
@@ -391,7 +430,9 @@ class WindowPercentile(Method):
 
     def prepare(self, demand: Demand, warmup: int) -> None:
         peak = demand.peak
-        padded = np.concatenate([np.full((peak.shape[0], self.window), np.nan), peak], axis=1)
+        padded = np.concatenate(
+            [np.full((peak.shape[0], self.window), np.nan), peak], axis=1
+        )
         view = np.lib.stride_tricks.sliding_window_view(padded, self.window, axis=1)
         self.sorted = np.sort(view[:, : peak.shape[1], :], axis=2)  # NaN last
         self.count = np.minimum(np.arange(peak.shape[1]), self.window)
@@ -440,34 +481,73 @@ class DecayingHistogram(Method):
 # Quantile levels at which the gp method keeps its pools, so a knob search
 # needs no new forecasts.
 GP_LEVELS = np.unique(
-    np.round(np.concatenate([np.linspace(0.02, 0.9, 45), np.arange(0.9, 0.999, 0.0025)]), 4)
+    np.round(
+        np.concatenate(
+            [
+                [0.001, 0.0025, 0.005, 0.01],
+                np.linspace(0.02, 0.9, 45),
+                np.arange(0.9, 0.999, 0.0025),
+            ]
+        ),
+        4,
+    )
 )
 CALIBRATION_LEVELS = (0.5, 0.8, 0.9, 0.95)
+BAND_LEVELS = np.array([0.05, 0.5, 0.95])  # the forecast band drawn by --plot
 
 
 class GaussianProcess(Method):
-    """Pool = the knob-quantile of the predictor's calibrated forecast of the peak."""
+    """Pool = slots at the knob-quantile of the predictor's calibrated forecasts.
+
+    Two forecasts are made each interval: of the peak of open connections and
+    of the mean number open (Little's law). The pool is the smaller of the
+    peak's quantile, which lets every arrival of the interval find a slot with
+    probability q, and the slots by which a share q of arrivals find a free
+    one (`predictor.little_slots`). With `peak_only` only the first is used.
+    """
 
     name, knob, default = "gp", "quantile", 0.9
+    knob_range = (0.001, 0.9975)
 
-    def __init__(self, settings: PredictorSettings, progress: Callable[[int, int], None] | None = None):
+    def __init__(
+        self,
+        settings: PredictorSettings,
+        progress: Callable[[int, int], None] | None = None,
+        peak_only: bool = False,
+    ):
         self.settings = settings
         self.progress = progress
+        self.peak_only = peak_only
+        if peak_only:
+            self.name = "gp-peak"
 
     def prepare(self, demand: Demand, warmup: int) -> None:
         peak = demand.peak
         users, count = peak.shape
-        self.predictor = Predictor(self.settings, demand.interval)
+        self.predictor = Predictor(self.settings, demand.interval, "open_connections")
+        busy_predictor = Predictor(self.settings, demand.interval, "busy")
         self.grid = np.zeros((users, count, GP_LEVELS.size), dtype=np.int32)
         self.pit = np.full((users, count, len(CALIBRATION_LEVELS)), np.nan)
         self.models = np.full((users, count), "", dtype=object)
+        self.band = np.full((users, count, len(BAND_LEVELS)), np.nan)
         keys = list(range(users))
         start = max(1, warmup - self.settings.window)
         for k in range(start, count):
             first = max(0, k - self.settings.window)
-            forecasts = self.predictor.forecast_windows(keys, peak[:, first:k], np.arange(first, k))
+            labels = np.arange(first, k)
+            forecasts = self.predictor.forecast_windows(keys, peak[:, first:k], labels)
+            busy = None
+            if not self.peak_only:
+                busy = busy_predictor.forecast_windows(
+                    keys, demand.busy[:, first:k], labels
+                )
+            little = self._little(busy, busy_predictor, demand.busy[:, k], k)
             for row, forecast in enumerate(forecasts):
-                self.grid[row, k] = _slots_at_levels(forecast)
+                slots = forecast.levels(GP_LEVELS).max(axis=0)
+                self.band[row, k] = forecast.levels(BAND_LEVELS)[0]
+                if row in little:
+                    slots = np.minimum(slots, little[row])
+                self.grid[row, k] = np.maximum(np.ceil(slots - 1e-9), 0)
                 self.models[row, k] = forecast.model
                 actual = float(peak[row, k])
                 self.pit[row, k] = pit_below(forecast, actual, CALIBRATION_LEVELS)
@@ -475,15 +555,28 @@ class GaussianProcess(Method):
             if self.progress:
                 self.progress(k - start + 1, count - start)
 
+    @staticmethod
+    def _little(
+        busy, predictor: Predictor, actual: np.ndarray, label: int
+    ) -> dict[int, np.ndarray]:
+        """Return Little's-law slots at every level for the rows with a GP busy forecast."""
+        if busy is None:
+            return {}
+        rows = [row for row, f in enumerate(busy) if f.model != "sparse"]
+        if not rows:
+            return {}
+        mean = np.stack([busy[row].mean for row in rows])
+        std = np.stack([busy[row].std for row in rows])
+        slots = little_slots_arrays(mean, std, GP_LEVELS).max(axis=1)
+        for row in rows:
+            predictor.observe(busy[row], float(actual[row]), label=label)
+        return dict(zip(rows, slots))
+
     def pools(self, knob: float) -> np.ndarray:
-        level = int(np.clip(np.searchsorted(GP_LEVELS, knob - 1e-9), 0, GP_LEVELS.size - 1))
+        level = int(
+            np.clip(np.searchsorted(GP_LEVELS, knob - 1e-9), 0, GP_LEVELS.size - 1)
+        )
         return self.grid[:, :, level].astype(float)
-
-
-def _slots_at_levels(forecast) -> np.ndarray:
-    """Return the forecast's slots at every level of GP_LEVELS, max over its horizon."""
-    values = forecast.levels(GP_LEVELS).max(axis=0)
-    return np.maximum(np.ceil(values - 1e-9), 0).astype(np.int32)
 
 
 class OracleStatic(Method):
@@ -552,7 +645,14 @@ class Score:
         return dict(self.__dict__)
 
 
-def score(method: Method, knob: float, trace: Trace, demand: Demand, warmup: int, target: float) -> Score:
+def score(
+    method: Method,
+    knob: float,
+    trace: Trace,
+    demand: Demand,
+    warmup: int,
+    target: float,
+) -> Score:
     """Replay a method's pools at one knob and score the intervals after warm-up."""
     pools = method.pools(knob)
     outcome = simulate(trace, demand, pools)
@@ -568,7 +668,9 @@ def score(method: Method, knob: float, trace: Trace, demand: Demand, warmup: int
         user_hit_rate_median=float(np.median(rates)) if rates.size else None,
         users_below_half=int((rates < 0.5).sum()),
         idle_slot_seconds=float(outcome.idle_slot_seconds[:, warmup:].sum()),
-        idle_memory_gb_seconds=float(outcome.idle_memory_gb_seconds()[:, warmup:].sum()),
+        idle_memory_gb_seconds=float(
+            outcome.idle_memory_gb_seconds()[:, warmup:].sum()
+        ),
         coverage=float(np.mean(peak <= planned)) if method.quantile_knob else None,
         pinball_loss=pinball_mean(peak, planned, level),
         pinball_level=float(level),
@@ -576,25 +678,43 @@ def score(method: Method, knob: float, trace: Trace, demand: Demand, warmup: int
 
 
 def search_knob(
-    method: Method, trace: Trace, demand: Demand, warmup: int, target: float, steps: int = 12
+    method: Method,
+    trace: Trace,
+    demand: Demand,
+    warmup: int,
+    target: float,
+    min_median: float | None = None,
+    steps: int = 12,
+    seen: list[Score] | None = None,
 ) -> Score | None:
-    """Return the score at the smallest pools (knob) whose pooled hit rate reaches target.
+    """Return the score at the smallest pools (knob) that reach the target.
 
-    Bisection assumes the hit rate grows with the pools; returns None when even
-    the largest pools miss the target.
+    The target is a pooled hit rate and, if min_median is given, also a median
+    per-user hit rate. Bisection assumes both grow with the pools; returns
+    None when even the largest pools miss the target. Every score computed
+    is appended to `seen`.
     """
     low, high = method.knob_range
     if not method.increasing:
         low, high = high, low
 
     def run(knob: float) -> Score:
-        return score(method, knob, trace, demand, warmup, target)
+        result = score(method, knob, trace, demand, warmup, target)
+        if seen is not None:
+            seen.append(result)
+        return result
+
+    def reached(result: Score) -> bool:
+        if result.warm_hit_rate < target:
+            return False
+        median = result.user_hit_rate_median
+        return min_median is None or (median is not None and median >= min_median)
 
     best = run(high)
-    if best.warm_hit_rate < target:
+    if not reached(best):
         return None
     lowest = run(low)
-    if lowest.warm_hit_rate >= target:
+    if reached(lowest):
         return lowest
     for _ in range(steps):
         if method.integer and abs(high - low) <= 1:
@@ -603,7 +723,7 @@ def search_knob(
         if method.integer:
             middle = math.floor(middle) if method.increasing else math.ceil(middle)
         trial = run(middle)
-        if trial.warm_hit_rate >= target:
+        if reached(trial):
             high, best = middle, trial
         else:
             low = middle
@@ -634,11 +754,13 @@ class Options:
     percentile_window: int = 60
     half_life: float = 60.0
     knobs: dict[str, float] = field(default_factory=dict)
+    min_median: float | None = 0.9  # second target: median per-user hit rate
+    curve_points: int = 0  # extra knob settings replayed for the plot
 
 
 def build_method(name: str, trace: Trace, options: Options, progress=None) -> Method:
-    if name == "gp":
-        return GaussianProcess(options.settings, progress)
+    if name in ("gp", "gp-peak"):
+        return GaussianProcess(options.settings, progress, peak_only=name == "gp-peak")
     if name == "static":
         return Static()
     if name == "reactive":
@@ -652,8 +774,48 @@ def build_method(name: str, trace: Trace, options: Options, progress=None) -> Me
     raise TraceError(f"unknown method {name!r}")
 
 
-def compare(trace: Trace, options: Options, progress: Progress | None = None) -> dict[str, object]:
-    """Run every method on the trace and return the `--json` object."""
+class Progress:
+    """A progress bar on stderr, drawn only when stderr is a terminal."""
+
+    def __init__(self, stream=None):
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = self.stream.isatty()
+
+    def stage(self, name: str) -> Callable[[int, int], None] | None:
+        if not self.enabled:
+            return None
+
+        def update(done: int, total: int) -> None:
+            width = 30
+            filled = int(width * done / max(total, 1))
+            bar = "#" * filled + "." * (width - filled)
+            self.stream.write(f"\r{name:20s} [{bar}] {done}/{total}")
+            if done >= total:
+                self.stream.write("\n")
+            self.stream.flush()
+
+        return update
+
+    def note(self, text: str) -> None:
+        if self.enabled:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+
+@dataclass
+class Comparison:
+    """The `--json` object and what the plot needs."""
+
+    report: dict[str, object]
+    methods: dict[str, Method]
+    curves: dict[str, list[Score]]
+    demand: Demand
+
+
+def compare(
+    trace: Trace, options: Options, progress: Progress | None = None
+) -> Comparison:
+    """Run every method on the trace; return the report and the prepared methods."""
     demand = measure_demand(trace, options.interval)
     if demand.shape[1] <= options.warmup:
         raise TraceError(
@@ -661,6 +823,7 @@ def compare(trace: Trace, options: Options, progress: Progress | None = None) ->
             f"not more than the warm-up of {options.warmup}; lower --warmup or --interval"
         )
     results: dict[str, object] = {}
+    curves: dict[str, list[Score]] = {}
     prepared: dict[str, Method] = {}
     for name in options.methods:
         update = progress.stage(name) if progress else None
@@ -669,7 +832,11 @@ def compare(trace: Trace, options: Options, progress: Progress | None = None) ->
         method.prepare(demand, options.warmup)
         fit_seconds = time.process_time() - started
         prepared[name] = method
-        results[name] = _method_result(method, trace, demand, options, fit_seconds)
+        results[name], curves[name] = _method_result(
+            method, trace, demand, options, fit_seconds
+        )
+        if progress:
+            progress.note(f"{name}: done")
     report: dict[str, object] = {
         "trace": trace.source,
         "users": len(trace.users),
@@ -679,40 +846,71 @@ def compare(trace: Trace, options: Options, progress: Progress | None = None) ->
         "target_hit_rate": options.target,
         "methods": results,
     }
-    gp = prepared.get("gp")
+    gp = prepared.get("gp") or prepared.get("gp-peak")
     if isinstance(gp, GaussianProcess):
         report["gp_calibration"] = _calibration(gp, options.warmup)
-    report["_prepared"] = prepared
-    report["_demand"] = demand
-    return report
+    return Comparison(report, prepared, curves, demand)
 
 
-def _method_result(method: Method, trace: Trace, demand: Demand, options: Options, fit_seconds: float) -> dict[str, object]:
+def _method_result(
+    method: Method, trace: Trace, demand: Demand, options: Options, fit_seconds: float
+) -> tuple[dict[str, object], list[Score]]:
+    seen: list[Score] = []
     knob = options.knobs.get(method.name, method.default)
     at_default = score(method, knob, trace, demand, options.warmup, options.target)
-    at_target = search_knob(method, trace, demand, options.warmup, options.target)
+    seen.append(at_default)
     result = at_default.as_dict()
     result["fit_cpu_seconds"] = fit_seconds
-    result["at_target"] = None
-    if at_target is not None:
-        result["at_target"] = {
-            "knob": at_target.knob,
-            "knob_name": method.knob,
-            "warm_hit_rate": at_target.warm_hit_rate,
-            "user_hit_rate_median": at_target.user_hit_rate_median,
-            "users_below_half": at_target.users_below_half,
-            "idle_slot_seconds": at_target.idle_slot_seconds,
-            "idle_memory_gb_seconds": at_target.idle_memory_gb_seconds,
-            "coverage": at_target.coverage,
-        }
-    return result
+    result["knob_name"] = method.knob
+    pooled = search_knob(
+        method, trace, demand, options.warmup, options.target, seen=seen
+    )
+    result["at_target"] = _target_dict(pooled, method)
+    if options.min_median is not None:
+        both = search_knob(
+            method,
+            trace,
+            demand,
+            options.warmup,
+            options.target,
+            options.min_median,
+            seen=seen,
+        )
+        result["at_target_with_median"] = _target_dict(both, method)
+    if options.curve_points:
+        for knob in np.linspace(*method.knob_range, options.curve_points):
+            seen.append(
+                score(
+                    method, float(knob), trace, demand, options.warmup, options.target
+                )
+            )
+    return result, seen
+
+
+def _target_dict(found: Score | None, method: Method) -> dict[str, object] | None:
+    if found is None:
+        return None
+    return {
+        "knob": found.knob,
+        "knob_name": method.knob,
+        "warm_hit_rate": found.warm_hit_rate,
+        "user_hit_rate_median": found.user_hit_rate_median,
+        "users_below_half": found.users_below_half,
+        "idle_slot_seconds": found.idle_slot_seconds,
+        "idle_memory_gb_seconds": found.idle_memory_gb_seconds,
+        "coverage": found.coverage,
+        "pinball_loss": found.pinball_loss,
+    }
 
 
 def _calibration(method: GaussianProcess, warmup: int) -> dict[str, object]:
     """Return the mean non-randomised PIT coverage at each calibration level, and
     the share of forecasts each model produced."""
     pit = method.pit[:, warmup:, :]
-    coverage = {f"{q:g}": float(np.nanmean(pit[:, :, i])) for i, q in enumerate(CALIBRATION_LEVELS)}
+    coverage = {
+        f"{q:g}": float(np.nanmean(pit[:, :, i]))
+        for i, q in enumerate(CALIBRATION_LEVELS)
+    }
     models = method.models[:, warmup:].ravel()
     names, counts = np.unique(models[models != ""], return_counts=True)
     return {
@@ -724,23 +922,289 @@ def _calibration(method: GaussianProcess, warmup: int) -> dict[str, object]:
     }
 
 
-class Progress:
-    """A progress bar on stderr, drawn only when stderr is a terminal."""
+# --------------------------------------------------------------------------
+# Output: table, plot, command line
+# --------------------------------------------------------------------------
 
-    def __init__(self, stream=sys.stderr):
-        self.stream = stream
-        self.enabled = stream.isatty()
+_COLUMNS = (
+    ("method", "{}"),
+    ("knob", "{:g}"),
+    ("hit", "{:.4f}"),
+    ("median", "{:.3f}"),
+    ("<50%", "{}"),
+    ("idle slot-s", "{:.4g}"),
+    ("idle GB-s", "{:.4g}"),
+    ("coverage", "{:.3f}"),
+    ("pinball", "{:.4f}"),
+)
 
-    def stage(self, name: str) -> Callable[[int, int], None] | None:
-        if not self.enabled:
-            return None
 
-        def update(done: int, total: int) -> None:
-            width = 30
-            filled = int(width * done / max(total, 1))
-            self.stream.write(f"\r{name:20s} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
-            if done >= total:
-                self.stream.write("\n")
-            self.stream.flush()
+def _row(name: str, values: dict | None) -> list[str]:
+    if values is None:
+        return [name, "target not reached"]
+    keys = (
+        "knob",
+        "warm_hit_rate",
+        "user_hit_rate_median",
+        "users_below_half",
+        "idle_slot_seconds",
+        "idle_memory_gb_seconds",
+        "coverage",
+        "pinball_loss",
+    )
+    cells = [name]
+    for key, (_, fmt) in zip(keys, _COLUMNS[1:]):
+        value = values.get(key)
+        cells.append("-" if value is None else fmt.format(value))
+    return cells
 
-        return update
+
+def format_table(report: dict) -> str:
+    """Return the report as text tables: at each method's default knob, then at target."""
+    methods = report["methods"]
+    sections = [("default knob", lambda r: r)]
+    sections.append(
+        (
+            f"smallest knob with pooled hit rate >= {report['target_hit_rate']:g}",
+            lambda r: r.get("at_target"),
+        )
+    )
+    if any("at_target_with_median" in r for r in methods.values()):
+        sections.append(
+            (
+                "... and per-user median hit rate >= the --min-median",
+                lambda r: r.get("at_target_with_median"),
+            )
+        )
+    header = (
+        f"{report['trace']}: {report['users']} users, {report['arrivals']} arrivals, "
+        f"interval {report['interval_seconds']:g} s, warm-up {report['warmup_intervals']}"
+    )
+    lines = [header]
+    for title, pick in sections:
+        rows = [[c for c, _ in _COLUMNS]] + [
+            _row(n, pick(r)) for n, r in methods.items()
+        ]
+        widths = [
+            max(len(r[i]) for r in rows if i < len(r)) for i in range(len(_COLUMNS))
+        ]
+        lines.append("")
+        lines.append(title + ":")
+        for r in rows:
+            lines.append(
+                "  ".join(
+                    c.rjust(w) if i else c.ljust(w)
+                    for i, (c, w) in enumerate(zip(r, widths))
+                )
+            )
+    calibration = report.get("gp_calibration")
+    if calibration:
+        pairs = ", ".join(f"{q}: {v:.3f}" for q, v in calibration["coverage"].items())
+        lines.append("")
+        lines.append(f"gp calibration (mean PIT coverage at nominal level): {pairs}")
+        lines.append(f"gp models used: {calibration['models']}")
+    return "\n".join(lines)
+
+
+def plot(comparison: Comparison, trace: Trace, path: Path, users: int = 3) -> None:
+    """Draw actual peaks against the gp forecast band for a few users, and the
+    pooled hit rate against idle reservation for each method."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise TraceError("--plot needs matplotlib: install the `plot` extra") from exc
+    gp = next(
+        (m for m in comparison.methods.values() if isinstance(m, GaussianProcess)), None
+    )
+    demand = comparison.demand
+    chosen = np.argsort(-demand.arrivals.sum(axis=1))[:users] if gp is not None else []
+    figure, axes = plt.subplots(len(chosen) + 1, 1, figsize=(10, 3 * (len(chosen) + 1)))
+    axes = np.atleast_1d(axes)
+    minutes = np.arange(demand.shape[1])
+    for axis, row in zip(axes, chosen):
+        band = gp.band[row]
+        axis.fill_between(minutes, band[:, 0], band[:, 2], alpha=0.3, label="gp 5%-95%")
+        axis.plot(minutes, band[:, 1], lw=0.8, label="gp median")
+        axis.plot(minutes, demand.peak[row], lw=0.8, color="k", label="actual peak")
+        axis.set_title(f"user {trace.users[row].name[:12]}")
+        axis.set_ylabel("open connections")
+        axis.legend(loc="upper right", fontsize=7)
+    curve = axes[-1]
+    for name, scores in comparison.curves.items():
+        points = sorted((s.idle_slot_seconds, s.warm_hit_rate) for s in scores)
+        curve.plot(
+            [p[0] for p in points], [p[1] for p in points], marker=".", label=name
+        )
+    curve.set_xlabel("idle reservation (slot-seconds)")
+    curve.set_ylabel("pooled warm-hit rate")
+    curve.set_xscale("log")
+    curve.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+EPILOG = """examples:
+  broker replay bench/data/azure-functions-2019-sample
+  broker replay --json --methods gp,window-percentile trace.csv > result.json
+  broker replay --plot replay.png --interval 5 llm.csv
+
+A directory is read in the Azure Functions 2019 layout (invocations.csv,
+durations.csv, memory.csv; owners are users). A file is a CSV with the header
+timestamp,user[,count][,duration_s][,memory_mb], timestamps in seconds.
+"""
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register the `replay` subcommand on an argparse subparsers object."""
+    parser = subparsers.add_parser(
+        "replay",
+        help="compare pool-sizing methods on a recorded trace",
+        description="Replay a demand trace through the planner, faster than real time, and "
+        "compare the forecast with static, reactive, window-percentile and "
+        "decaying-histogram pool sizing on the same arrivals.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_arguments(parser)
+    return parser
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "trace", type=Path, help="trace directory (Azure Functions layout) or CSV file"
+    )
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=60.0,
+        help="planning interval in seconds (default 60)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=64,
+        help="intervals used only as history (default 64)",
+    )
+    parser.add_argument(
+        "--target-hit-rate",
+        type=float,
+        default=0.95,
+        help="pooled warm-hit rate to reach (default 0.95)",
+    )
+    parser.add_argument(
+        "--min-median",
+        type=float,
+        default=0.9,
+        help="second target: median per-user hit rate (default 0.9; 0 turns it off)",
+    )
+    parser.add_argument(
+        "--methods",
+        default=",".join(Options().methods),
+        help="comma-separated methods (also: gp-peak)",
+    )
+    parser.add_argument(
+        "--quantile",
+        type=float,
+        default=0.9,
+        help="gp quantile at its default setting (default 0.9)",
+    )
+    parser.add_argument(
+        "--window",
+        type=int,
+        default=64,
+        help="gp training window in intervals (default 64)",
+    )
+    parser.add_argument(
+        "--percentile-window",
+        type=int,
+        default=60,
+        help="window-percentile window in intervals (default 60)",
+    )
+    parser.add_argument(
+        "--half-life",
+        type=float,
+        default=60.0,
+        help="decaying-histogram half-life in intervals (default 60)",
+    )
+    parser.add_argument(
+        "--spread",
+        type=float,
+        default=None,
+        help="seconds over which a row's count is spread (default 60 for Azure, 0 for CSV)",
+    )
+    parser.add_argument(
+        "--service-time",
+        type=float,
+        default=1.0,
+        help="seconds an arrival holds a slot when the CSV has no duration_s (default 1)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the arrival times within a row (default 0)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object instead of tables"
+    )
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        help="write a PNG with forecast bands and hit-rate/idle curves",
+    )
+
+
+def options_from_args(args: argparse.Namespace) -> Options:
+    settings = PredictorSettings(quantile=args.quantile, window=args.window)
+    return Options(
+        interval=args.interval,
+        warmup=args.warmup,
+        target=args.target_hit_rate,
+        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        settings=settings,
+        percentile_window=args.percentile_window,
+        half_life=args.half_life,
+        knobs={"gp": args.quantile, "gp-peak": args.quantile},
+        min_median=args.min_median or None,
+        curve_points=6 if args.plot else 0,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `broker replay`; return the exit code (1 on a trace or usage error)."""
+    try:
+        trace = load_trace(args.trace, args.seed, args.spread, args.service_time)
+        comparison = compare(trace, options_from_args(args), Progress())
+        if args.plot:
+            plot(comparison, trace, args.plot)
+    except TraceError as exc:
+        print(f"broker replay: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        json.dump(comparison.report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(format_table(comparison.report))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m broker.replay",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s"
+    )
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
