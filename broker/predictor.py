@@ -303,14 +303,15 @@ def detect_periods(
 # --------------------------------------------------------------------------
 
 
-def base_kernel(window_seconds: float) -> Kernel:
-    """Return the prior kernel on inputs scaled to [0, 1] over the window.
+def base_kernel(span_seconds: float) -> Kernel:
+    """Return the prior kernel on inputs scaled to [0, 1] from the first to the last
+    sample of the window, which lie `span_seconds` apart.
 
     Trend: an RBF whose length scale starts at the window. Daily period: an
     ExpSineSquared with the period of one day in window units, fixed. Noise:
     a WhiteKernel.
     """
-    daily = DAY / max(window_seconds, 1.0)
+    daily = DAY / max(span_seconds, 1.0)
     return (
         ConstantKernel(0.5, (1e-3, 1e2)) * RBF(1.0, (0.05, 1e3))
         + ConstantKernel(0.1, (1e-3, 1e2))
@@ -319,10 +320,13 @@ def base_kernel(window_seconds: float) -> Kernel:
     )
 
 
-def periodic_kernel(period_steps: int, window_steps: int) -> Kernel:
-    """Return a periodic part for a period of `period_steps` samples, period fixed."""
+def periodic_kernel(period_steps: int, n: int) -> Kernel:
+    """Return a periodic part for a period of `period_steps` samples, period fixed.
+
+    On the scaled inputs one step is 1 / (n - 1).
+    """
     return ConstantKernel(0.5, (1e-3, 1e2)) * ExpSineSquared(
-        0.5, period_steps / window_steps, (0.05, 1e1), "fixed"
+        0.5, period_steps / max(n - 1, 1), (0.05, 1e1), "fixed"
     )
 
 
@@ -355,11 +359,11 @@ class KernelCache:
             self.fitted[key] = self._fit(n, period, standardised)
         kernel = self.fitted[key]
         if period:
-            kernel = clone(kernel).set_params(k2__k2__periodicity=period / n)
+            kernel = clone(kernel).set_params(k2__k2__periodicity=period / max(n - 1, 1))
         return kernel
 
     def _fit(self, n: int, period: int, standardised: np.ndarray) -> Kernel:
-        kernel = base_kernel(self.step * n)
+        kernel = base_kernel(self.step * max(n - 1, 1))
         if period:
             kernel = kernel + periodic_kernel(period, n)
         # Fit on the users with the most variation: flat rows carry no signal.
