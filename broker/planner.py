@@ -20,10 +20,15 @@ API for the daemon's control loop (one tick every `forecast.plan_interval`):
 
 Sizing rules, in order, each recorded in `UserPlan.derivation`:
 
-1. Needed concurrency at the policy quantile q: the larger of the q-quantile
-   of open connections (the peak per planning interval) and, by Little's law,
-   the q-quantile of the arrival rate times the service time; the maximum
-   over the forecast horizon; times the `connections` weight.
+1. Needed concurrency at the policy quantile q, the maximum over the forecast
+   horizon, times the `connections` weight. It is the smaller of two sizes:
+   the q-quantile of the peak of open connections in a planning interval,
+   which lets every arrival of the interval find a slot with probability q;
+   and the slots by which a share q of arrivals find a free one: by Little's
+   law the mean number open is the arrival rate times the service time, an
+   arrival finds a Poisson number of them open (PASTA), mixed over the
+   forecast's uncertainty (`predictor.little_slots_moments`), plus one for
+   itself. The first is smaller for sparse users, the second for busy ones.
 2. Slots are that number rounded up. The relative width of the 90% predictive
    interval decides the tier mix: at or below `uncertainty_narrow` every slot
    is of the lightest tier the user's pool names, at or above
@@ -53,7 +58,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from broker.policy import ForecastPolicy, Policy, Tier, UserPolicy
-from broker.predictor import Forecast
+from broker.predictor import Forecast, little_slots_moments
 
 log = logging.getLogger(__name__)
 
@@ -114,25 +119,36 @@ def _weights(settings: ForecastPolicy) -> dict[str, float]:
 def _needed(
     forecasts: Mapping[str, Forecast], settings: ForecastPolicy, weight: float
 ) -> tuple[float, str, Forecast | None]:
-    """Return the needed concurrency at the quantile, its derivation and the forecast used."""
+    """Return the needed concurrency at the quantile, its derivation and the main forecast."""
     q = settings.quantile
-    parts, chosen, value = [], None, 0.0
+    candidates: list[tuple[float, str]] = []
     open_forecast = forecasts.get("open_connections")
     if open_forecast is not None:
         peak = float(open_forecast.quantile(q).max())
-        parts.append(f"open connections q{q:g} = {peak:.2f}")
-        chosen, value = open_forecast, peak
+        candidates.append((peak, f"open connections peak q{q:g} = {peak:g}"))
     arrivals = forecasts.get("arrivals")
     if arrivals is not None:
-        rate = float(arrivals.quantile(q).max()) / arrivals.step
-        little = rate * settings.service_time
-        parts.append(
-            f"arrivals q{q:g} {rate:.3f}/s x service time {settings.service_time:g} s = {little:.2f}"
+        # Little's law: mean open connections = arrival rate x service time.
+        factor = settings.service_time / arrivals.step
+        mean = arrivals.expected() * factor
+        variance = arrivals.variance() * factor**2
+        little = float(little_slots_moments(mean, variance, np.array([q])).max())
+        rate = float(arrivals.expected().max()) / arrivals.step
+        candidates.append(
+            (
+                little,
+                (
+                    f"Little's law: arrivals {rate:.3f}/s x service time "
+                    f"{settings.service_time:g} s, 1 + mixed-Poisson q{q:g} = {little:g}"
+                ),
+            )
         )
-        if chosen is None or little > value:
-            chosen, value = arrivals, little
-    text = f"max({'; '.join(parts)}) x weight {weight:g}" if parts else "no forecast"
-    return value * weight, text, chosen
+    if not candidates:
+        return 0.0, "no forecast", None
+    value, _ = min(candidates)
+    parts = "; ".join(text for _, text in candidates)
+    main = open_forecast if open_forecast is not None else arrivals
+    return value * weight, f"min({parts}) x weight {weight:g}", main
 
 
 def _width(forecast: Forecast | None) -> float:

@@ -169,6 +169,18 @@ class Forecast:
         second = np.maximum(self.mean, 0.0) ** 2 + self.std**2
         return np.maximum(second - 0.5, 0.0) if self.discrete else second
 
+    def variance(self) -> np.ndarray:
+        """Return the predictive variance of demand at each step (normal approximation)."""
+        if self.model == "sparse":
+            assert self.zero_probability is not None and self.sizes is not None
+            active = 1.0 - self.zero_probability
+            first, second = float(np.mean(self.sizes)), float(np.mean(self.sizes**2))
+            return active * second - (active * first) ** 2
+        root = np.maximum(self.mean, 0.0)
+        # Var(S^2) for S ~ N(root, std^2); counts lose the 1/12 of U.
+        variance = 4.0 * root**2 * self.std**2 + 2.0 * self.std**4
+        return np.maximum(variance - 1.0 / 12.0, 0.0) if self.discrete else variance
+
     def slots(self, q: float) -> np.ndarray:
         """Return the smallest whole number of slots covering demand with probability q."""
         return np.maximum(np.ceil(self.quantile(q) - 1e-9), 0.0)
@@ -193,10 +205,20 @@ def little_slots_arrays(
 ) -> np.ndarray:
     """Return `little_slots` for arrays of sqrt-unit means and stds (any shape),
     with the levels as a new last axis."""
-    root = np.maximum(mean, 0.0)[..., None]
-    spread_root = np.asarray(std, dtype=float)[..., None]
-    rate = np.maximum(root**2 + spread_root**2, 1e-12)
-    spread = 4.0 * root**2 * spread_root**2 + 2.0 * spread_root**4
+    root = np.maximum(mean, 0.0)
+    spread = np.asarray(std, dtype=float)
+    moment = root**2 + spread**2
+    variance = 4.0 * root**2 * spread**2 + 2.0 * spread**4
+    return little_slots_moments(moment, variance, levels)
+
+
+def little_slots_moments(
+    mean: np.ndarray, variance: np.ndarray, levels: np.ndarray
+) -> np.ndarray:
+    """Return 1 + the level-quantiles of the mixed Poisson count whose mean
+    concurrency L has the given mean and variance, levels as a new last axis."""
+    rate = np.maximum(np.asarray(mean, dtype=float), 1e-12)[..., None]
+    spread = np.maximum(np.asarray(variance, dtype=float), 0.0)[..., None]
     qs = np.asarray(levels, dtype=float)
     poisson_like = spread < 1e-9 * rate
     safe = np.where(poisson_like, 1.0, spread)
@@ -359,7 +381,9 @@ class KernelCache:
             self.fitted[key] = self._fit(n, period, standardised)
         kernel = self.fitted[key]
         if period:
-            kernel = clone(kernel).set_params(k2__k2__periodicity=period / max(n - 1, 1))
+            kernel = clone(kernel).set_params(
+                k2__k2__periodicity=period / max(n - 1, 1)
+            )
         return kernel
 
     def _fit(self, n: int, period: int, standardised: np.ndarray) -> Kernel:

@@ -13,7 +13,9 @@ from broker.policy import ForecastPolicy
 from broker.predictor import Forecast, Predictor, PredictorSettings
 
 
-def make(settings: PredictorSettings | None = None, resource="open_connections") -> Predictor:
+def make(
+    settings: PredictorSettings | None = None, resource="open_connections"
+) -> Predictor:
     return Predictor(settings or PredictorSettings(), 60.0, resource)
 
 
@@ -113,7 +115,14 @@ def test_quantiles_monotone():
 def test_count_quantile_arithmetic():
     # sqrt(y + U) ~ N(mean, std) with mean sqrt(4.5), std tiny: y + U is 4.5,
     # so y = 4 and its median is 4; P(y <= 4) = P(Z < (sqrt 5 - sqrt 4.5)/std) ~ 1.
-    forecast = Forecast("u", "open_connections", "gp", 60.0, np.array([math.sqrt(4.5)]), np.array([0.01]))
+    forecast = Forecast(
+        "u",
+        "open_connections",
+        "gp",
+        60.0,
+        np.array([math.sqrt(4.5)]),
+        np.array([0.01]),
+    )
     assert forecast.quantile(0.5)[0] == 4
     assert forecast.cdf(4.0)[0] == pytest.approx(1.0)
     assert forecast.cdf(3.0)[0] == pytest.approx(0.0)
@@ -126,8 +135,16 @@ def test_invalid_level():
 
 
 def test_pit_below_arithmetic():
-    forecast = Forecast("u", "open_connections", "sparse", 60.0, np.zeros(1), np.ones(1),
-                        zero_probability=np.array([0.5]), sizes=np.array([1.0]))
+    forecast = Forecast(
+        "u",
+        "open_connections",
+        "sparse",
+        60.0,
+        np.zeros(1),
+        np.ones(1),
+        zero_probability=np.array([0.5]),
+        sizes=np.array([1.0]),
+    )
     # F(0) = 0.5, F(1) = 1. For y = 0 the PIT is uniform on [0, 0.5]:
     # P(PIT <= 0.25) = 0.5. For y = 1 it is uniform on [0.5, 1]: P(<= 0.75) = 0.5.
     assert predictor.pit_below(forecast, 0.0, 0.25)[0] == pytest.approx(0.5)
@@ -214,7 +231,9 @@ def test_drift_refits():
 def test_little_slots_poisson():
     # No uncertainty about L = 2: Poisson(2) has P(<= 2) = 0.677 >= 0.6 and
     # P(<= 1) = 0.406 < 0.6, so the 0.6-quantile is 2 and the pool 2 + 1 = 3.
-    slots = predictor.little_slots_arrays(np.array([math.sqrt(2.0)]), np.array([0.0]), np.array([0.6]))
+    slots = predictor.little_slots_arrays(
+        np.array([math.sqrt(2.0)]), np.array([0.0]), np.array([0.6])
+    )
     assert slots[0, 0] == 3
 
 
@@ -231,13 +250,17 @@ def test_forecaster_from_history():
     policy = ForecastPolicy(plan_interval=10.0, window=32)
     history = DemandHistory()
     for second in range(400):
-        history.record(7, DemandSample(time=float(second), arrivals=1.0, open_connections=2.0))
+        history.record(
+            7, DemandSample(time=float(second), arrivals=1.0, open_connections=2.0)
+        )
     forecaster = predictor.Forecaster(policy)
     first = forecaster.forecast_users(history, [7], now=400.0)
     assert set(first[7]) == {"open_connections", "arrivals"}
     # 10 arrivals per 10 s step, every step.
     assert first[7]["arrivals"].quantile(0.5)[0] == 10
     for second in range(400, 411):
-        history.record(7, DemandSample(time=float(second), arrivals=1.0, open_connections=2.0))
+        history.record(
+            7, DemandSample(time=float(second), arrivals=1.0, open_connections=2.0)
+        )
     forecaster.forecast_users(history, [7], now=411.0)
     assert forecaster.status()["arrivals"]["7"]["scored"] == 1

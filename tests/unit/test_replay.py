@@ -13,7 +13,9 @@ from broker.replay import Demand, Trace, UserArrivals
 
 
 def make_trace(starts, durations, length=120.0, memory_mb=512.0) -> Trace:
-    user = UserArrivals("a", np.array(starts, float), np.array(durations, float), memory_mb)
+    user = UserArrivals(
+        "a", np.array(starts, float), np.array(durations, float), memory_mb
+    )
     return Trace([user], length)
 
 
@@ -156,7 +158,9 @@ def test_search_knob_smallest():
 
 def test_load_csv(tmp_path):
     path = tmp_path / "trace.csv"
-    path.write_text("timestamp,user,count,duration_s,memory_mb\n100,u1,2,0.5,64\n160,u2,1,,\n")
+    path.write_text(
+        "timestamp,user,count,duration_s,memory_mb\n100,u1,2,0.5,64\n160,u2,1,,\n"
+    )
     trace = replay.load_csv(path, spread=10.0, service_time=3.0)
     names = {u.name: u for u in trace.users}
     assert names["u1"].start.size == 2
