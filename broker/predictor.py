@@ -6,9 +6,9 @@ Models, and which one serves a user:
   demand (the variance-stabilising transform of a count), over a bounded
   window of equally spaced samples. Inputs are scaled to [0, 1] over the
   window and outputs standardised per user. The kernel is a smooth trend
-  (RBF) plus a daily periodic part plus white noise; when the window shows a
-  shorter period (a timer firing every few minutes, detected by
-  autocorrelation), a periodic part with that period is added too.
+  (RBF) plus a daily periodic part plus white noise. When the window shows a
+  shorter period, such as a timer firing every few minutes, autocorrelation
+  detects it and the kernel gets a periodic part with that period too.
   Hyperparameters are shared: they are fitted by maximum likelihood on the
   windows of many users at once (scikit-learn sums the log marginal
   likelihood over the columns of a multi-output y), stored, and reused; a
@@ -34,7 +34,7 @@ import math
 import time
 import warnings
 from collections import deque
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -373,7 +373,7 @@ class KernelCache:
         """Return the kernel for windows of n samples with a period (0: none).
 
         One kernel without and one with a periodic part are fitted per window
-        length; other periods reuse the fitted periodic kernel with only its
+        length. Other periods reuse the fitted periodic kernel with only its
         period changed, so a user whose period changes costs no new fit.
         """
         key = (n, 1 if period else 0)
@@ -594,7 +594,10 @@ class Predictor:
     # -- forecasting ------------------------------------------------------
 
     def forecast_windows(
-        self, keys: list[Hashable], windows: np.ndarray, times: np.ndarray | None = None
+        self,
+        keys: Sequence[Hashable],
+        windows: np.ndarray,
+        times: np.ndarray | None = None,
     ) -> list[Forecast]:
         """Return one forecast per row of `windows` (users, n), oldest sample first.
 
@@ -808,7 +811,7 @@ class Predictor:
 # The daemon's entry point: history in, forecasts per user and resource out
 # --------------------------------------------------------------------------
 
-# How samples of one planning step are combined into one value per resource.
+# Aggregation of the samples of one planning step into one value, per resource.
 _AGGREGATE = {
     "arrivals": "sum",
     "open_connections": "max",
@@ -847,6 +850,7 @@ def bin_samples(
     first = int(index.min())
     count = int(index.max()) - first + 1
     slot = index - first
+    out: np.ndarray
     if how == "sum":
         out = np.bincount(slot, weights=values, minlength=count)
     elif how == "max":

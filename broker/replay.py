@@ -1,8 +1,8 @@
 """Replay a recorded demand trace through the planner and compare pool-sizing methods.
 
-The replay runs offline and faster than real time. Each arrival holds a warm
-slot for its service time if one is free when it arrives (a warm hit);
-otherwise it is served cold and holds no slot (a miss). Every planning
+The replay runs offline and faster than real time. Each arrival occupies a
+warm slot for its service time if one is free when it arrives (a warm hit).
+Otherwise it is served cold and occupies no slot (a miss). Every planning
 interval each method sets each user's pool from the history before that
 interval only. All methods see the same arrivals.
 
@@ -53,7 +53,7 @@ class UserArrivals:
 
     name: str
     start: np.ndarray  # seconds from the start of the trace
-    duration: np.ndarray  # seconds the arrival holds a slot
+    duration: np.ndarray  # seconds the arrival occupies a slot
     memory_mb: float  # memory.min a slot of this user reserves
 
     @property
@@ -492,7 +492,7 @@ GP_LEVELS = np.unique(
         4,
     )
 )
-CALIBRATION_LEVELS = (0.5, 0.8, 0.9, 0.95)
+CALIBRATION_LEVELS = np.array([0.5, 0.8, 0.9, 0.95])
 BAND_LEVELS = np.array([0.05, 0.5, 0.95])  # the forecast band drawn by --plot
 
 
@@ -581,11 +581,12 @@ class GaussianProcess(Method):
 
 class OracleStatic(Method):
     """The fixed pool per user that, in hindsight, reaches a pooled hit rate with the
-    least idle reservation. A reference line, not a method: it sees the future.
+    least idle reservation.
 
-    For each user and pool size it replays the whole evaluation period; the knob
-    is the price of one idle slot-second in hits, and each user takes the pool
-    that maximises hits - price * idle.
+    It is a reference line, not a method, because it uses the future. For each
+    user and pool size it replays the whole evaluation period. The knob is the
+    price of one idle slot-second in hits, and each user takes the pool that
+    maximises hits - price * idle.
     """
 
     name, knob, knob_range, default = "oracle-static", "price", (0.0, 2.0), 0.01
@@ -1020,11 +1021,14 @@ def plot(comparison: Comparison, trace: Trace, path: Path, users: int = 3) -> No
         (m for m in comparison.methods.values() if isinstance(m, GaussianProcess)), None
     )
     demand = comparison.demand
-    chosen = np.argsort(-demand.arrivals.sum(axis=1))[:users] if gp is not None else []
+    chosen: list[int] = []
+    if gp is not None:
+        chosen = np.argsort(-demand.arrivals.sum(axis=1))[:users].tolist()
     figure, axes = plt.subplots(len(chosen) + 1, 1, figsize=(10, 3 * (len(chosen) + 1)))
     axes = np.atleast_1d(axes)
     minutes = np.arange(demand.shape[1])
     for axis, row in zip(axes, chosen):
+        assert gp is not None
         band = gp.band[row]
         axis.fill_between(minutes, band[:, 0], band[:, 2], alpha=0.3, label="gp 5%-95%")
         axis.plot(minutes, band[:, 1], lw=0.8, label="gp median")
@@ -1140,7 +1144,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         "--service-time",
         type=float,
         default=1.0,
-        help="seconds an arrival holds a slot when the CSV has no duration_s (default 1)",
+        help="service time in seconds for CSV rows without duration_s (default 1)",
     )
     parser.add_argument(
         "--seed",
