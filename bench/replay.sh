@@ -12,6 +12,10 @@ nice -n 10 "$py" -m broker.replay bench/data/azure-functions-2019-sample \
     --methods gp,gp-peak,static,reactive,window-percentile,decaying-histogram,oracle-static \
     --json --plot "$out/azure-functions.png" > "$out/azure-functions.json"
 
+# The bound with hindsight per interval, on the same trace.
+nice -n 10 "$py" -m broker.replay bench/data/azure-functions-2019-sample \
+    --methods oracle-dynamic --json > "$out/azure-functions-oracle-dynamic.json"
+
 # Azure LLM inference 2023: two services, 1 h, planning every 5 s.
 "$py" bench/llm_to_csv.py > "$out/llm.csv"
 nice -n 10 "$py" -m broker.replay "$out/llm.csv" --interval 5 --warmup 120 \

@@ -589,7 +589,7 @@ class OracleStatic(Method):
     maximises hits - price * idle.
     """
 
-    name, knob, knob_range, default = "oracle-static", "price", (0.0, 2.0), 0.01
+    name, knob, knob_range, default = "oracle-static", "price", (0.0, 0.25), 0.01
     quantile_knob = False
     increasing = False
 
@@ -616,6 +616,39 @@ class OracleStatic(Method):
         value = self.hits - knob * self.idle
         size = np.argmax(value, axis=1).astype(float)
         return np.repeat(size[:, None], self.shape[1], axis=1)
+
+
+class OracleDynamic(Method):
+    """The pool per user and interval that, in hindsight, reaches a pooled hit rate
+    with the least idle reservation: a bound that no forecast can beat.
+
+    It uses the future, so it is a reference line, not a method. Each user and
+    interval takes the pool that maximises hits - price * idle over that
+    interval. Hits and idle time per interval come from replays with a
+    constant pool, so a connection carried over from an interval with a
+    different pool is counted as if the pool had not changed (an
+    approximation).
+    """
+
+    name, knob, knob_range, default = "oracle-dynamic", "price", (0.0, 0.25), 0.01
+    quantile_knob = False
+    increasing = False
+
+    def __init__(self, trace: Trace):
+        self.trace = trace
+
+    def prepare(self, demand: Demand, warmup: int) -> None:
+        largest = int(demand.peak.max()) if demand.peak.size else 0
+        users, count = demand.shape
+        self.hits = np.zeros((users, count, largest + 1), dtype=np.float32)
+        self.idle = np.zeros((users, count, largest + 1), dtype=np.float32)
+        for size in range(largest + 1):
+            outcome = simulate(self.trace, demand, np.full(demand.shape, float(size)))
+            self.hits[:, :, size] = outcome.hits
+            self.idle[:, :, size] = outcome.idle_slot_seconds
+
+    def pools(self, knob: float) -> np.ndarray:
+        return np.argmax(self.hits - knob * self.idle, axis=2).astype(float)
 
 
 # --------------------------------------------------------------------------
@@ -772,6 +805,8 @@ def build_method(name: str, trace: Trace, options: Options, progress=None) -> Me
         return DecayingHistogram(options.half_life)
     if name == "oracle-static":
         return OracleStatic(trace)
+    if name == "oracle-dynamic":
+        return OracleDynamic(trace)
     raise TraceError(f"unknown method {name!r}")
 
 
@@ -1108,7 +1143,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--methods",
         default=",".join(Options().methods),
-        help="comma-separated methods (also: gp-peak)",
+        help="comma-separated methods (also: gp-peak, oracle-dynamic)",
     )
     parser.add_argument(
         "--quantile",
