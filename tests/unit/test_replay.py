@@ -205,3 +205,55 @@ def test_load_azure(tmp_path):
 def test_unknown_method():
     with pytest.raises(replay.TraceError, match="unknown method"):
         replay.build_method("magic", make_trace([1], [1]), replay.Options())
+
+
+def test_run_json_keys(tmp_path, capsys):
+    # Two users, one arrival every 30 s for 40 minutes.
+    rows = ["timestamp,user,duration_s"]
+    rows += [f"{30 * i},{'ab'[i % 2]},2" for i in range(80)]
+    path = tmp_path / "trace.csv"
+    path.write_text("\n".join(rows) + "\n")
+    parser = replay.argparse.ArgumentParser()
+    replay._add_arguments(parser)
+    args = parser.parse_args(
+        [
+            str(path),
+            "--json",
+            "--warmup",
+            "16",
+            "--window",
+            "8",
+            "--methods",
+            "gp,static,reactive,window-percentile,decaying-histogram",
+        ]
+    )
+    assert replay.run(args) == 0
+    report = replay.json.loads(capsys.readouterr().out)
+    for name, result in report["methods"].items():
+        for key in (
+            "warm_hit_rate",
+            "user_hit_rate_median",
+            "users_below_half",
+            "idle_slot_seconds",
+            "idle_memory_gb_seconds",
+            "coverage",
+            "pinball_loss",
+            "fit_cpu_seconds",
+            "at_target",
+        ):
+            assert key in result, (name, key)
+    assert report["methods"]["reactive"]["coverage"] is None
+    assert set(report["methods"]["gp"]["at_target"]) >= {
+        "knob",
+        "warm_hit_rate",
+        "user_hit_rate_median",
+        "idle_slot_seconds",
+    }
+
+
+def test_run_missing_trace(tmp_path, capsys):
+    parser = replay.argparse.ArgumentParser()
+    replay._add_arguments(parser)
+    args = parser.parse_args([str(tmp_path / "absent.csv")])
+    assert replay.run(args) == 1
+    assert "cannot read trace" in capsys.readouterr().err
