@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy import stats
 
 from broker.errors import BrokerError
 from broker.predictor import (
@@ -579,6 +580,78 @@ class GaussianProcess(Method):
         return self.grid[:, :, level].astype(float)
 
 
+class GaussianProcessValue(Method):
+    """Pool = the size whose expected hits minus price x expected idle time is largest.
+
+    The same predictor forecasts arrivals N and the mean number of open
+    connections L of each user and interval. An arrival finds D open, mixed
+    Poisson with mean L (Little's law, PASTA), so P slots give about
+    E[N] P(D <= P - 1) hits and P - E[min(D, P)] idle slots. The knob is the
+    price of an idle slot-second in hits: one price for all users puts slots
+    where they bring the most hits, which is what a pooled hit rate rewards.
+    """
+
+    name, knob, knob_range, default = "gp-value", "price", (0.0, 0.25), 0.01
+    quantile_knob = False
+    increasing = False
+
+    def __init__(self, settings: PredictorSettings, progress=None):
+        self.settings = settings
+        self.progress = progress
+
+    def prepare(self, demand: Demand, warmup: int) -> None:
+        users, count = demand.shape
+        largest = int(demand.peak.max()) + 1 if demand.peak.size else 1
+        sizes = np.arange(largest + 1)
+        arrivals = Predictor(self.settings, demand.interval, "arrivals")
+        busy = Predictor(self.settings, demand.interval, "busy")
+        self.hits = np.zeros((users, count, sizes.size), dtype=np.float32)
+        self.idle = np.zeros((users, count, sizes.size), dtype=np.float32)
+        keys = list(range(users))
+        start = max(1, warmup - self.settings.window)
+        for k in range(start, count):
+            first = max(0, k - self.settings.window)
+            labels = np.arange(first, k)
+            counted = arrivals.forecast_windows(
+                keys, demand.arrivals[:, first:k], labels
+            )
+            opened = busy.forecast_windows(keys, demand.busy[:, first:k], labels)
+            expected = np.array([f.expected()[0] for f in counted])
+            mean = np.array([max(f.expected()[0], 1e-9) for f in opened])
+            variance = np.array([max(f.variance()[0], 0.0) for f in opened])
+            below = _mixed_poisson_cdf(mean, variance, sizes)  # P(D <= j)
+            found = np.concatenate([np.zeros((users, 1)), below[:, :-1]], axis=1)
+            self.hits[:, k] = expected[:, None] * found
+            # E[min(D, P)] = sum over j < P of P(D > j).
+            used = np.concatenate(
+                [np.zeros((users, 1)), np.cumsum(1.0 - below, axis=1)[:, :-1]], axis=1
+            )
+            self.idle[:, k] = (sizes[None, :] - used) * demand.interval
+            for row in range(users):
+                arrivals.observe(counted[row], float(demand.arrivals[row, k]), label=k)
+                busy.observe(opened[row], float(demand.busy[row, k]), label=k)
+            if self.progress:
+                self.progress(k - start + 1, count - start)
+
+    def pools(self, knob: float) -> np.ndarray:
+        return np.argmax(self.hits - knob * self.idle, axis=2).astype(float)
+
+
+def _mixed_poisson_cdf(
+    mean: np.ndarray, variance: np.ndarray, sizes: np.ndarray
+) -> np.ndarray:
+    """Return P(D <= j) for each row's negative binomial (Poisson if no spread) and j."""
+    rate = np.maximum(mean, 1e-12)[:, None]
+    spread = np.maximum(variance, 0.0)[:, None]
+    poisson_like = spread < 1e-9 * rate
+    safe = np.where(poisson_like, 1.0, spread)
+    return np.where(
+        poisson_like,
+        stats.poisson.cdf(sizes[None, :], rate),
+        stats.nbinom.cdf(sizes[None, :], rate**2 / safe, rate / (rate + safe)),
+    )
+
+
 class OracleStatic(Method):
     """The fixed pool per user that, in hindsight, reaches a pooled hit rate with the
     least idle reservation.
@@ -795,6 +868,8 @@ class Options:
 def build_method(name: str, trace: Trace, options: Options, progress=None) -> Method:
     if name in ("gp", "gp-peak"):
         return GaussianProcess(options.settings, progress, peak_only=name == "gp-peak")
+    if name == "gp-value":
+        return GaussianProcessValue(options.settings, progress)
     if name == "static":
         return Static()
     if name == "reactive":
@@ -1143,7 +1218,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--methods",
         default=",".join(Options().methods),
-        help="comma-separated methods (also: gp-peak, oracle-dynamic)",
+        help="comma-separated methods (also: gp-peak, gp-value, oracle-dynamic)",
     )
     parser.add_argument(
         "--quantile",
