@@ -257,3 +257,32 @@ def test_run_missing_trace(tmp_path, capsys):
     args = parser.parse_args([str(tmp_path / "absent.csv")])
     assert replay.run(args) == 1
     assert "cannot read trace" in capsys.readouterr().err
+
+
+def test_oracle_dynamic_follows_peaks():
+    # Minute 1: two arrivals open together; minute 2: one. With a price of 0
+    # an idle second costs nothing, so each interval takes the smallest pool
+    # with all its hits: its peak.
+    trace = make_trace([1, 2, 70], [10, 10, 5])
+    demand = replay.measure_demand(trace, 60.0)
+    method = replay.OracleDynamic(trace)
+    method.prepare(demand, warmup=0)
+    assert method.pools(0.0).tolist() == [[2, 1]]
+    # At a price of 1 hit per idle second no slot is worth its 50+ idle seconds.
+    assert method.pools(1.0).tolist() == [[0, 0]]
+
+
+def test_gp_value_price_monotone():
+    starts = [60.0 * k + 30 for k in range(40)]
+    trace = make_trace(starts, [1.0] * 40, length=2400.0)
+    demand = replay.measure_demand(trace, 60.0)
+    method = replay.GaussianProcessValue(replay.PredictorSettings(window=16))
+    method.prepare(demand, warmup=20)
+    cheap, dear = method.pools(0.001), method.pools(1.0)
+    # One arrival a minute of 1 s: the first slot brings about 1 hit for 59
+    # idle seconds, worth it at 0.001 hits per second (0.059). A second slot
+    # brings about 0.02 hits for 60 more idle seconds (0.06): not worth it.
+    assert cheap[0, 20:].min() == 1
+    assert cheap[0, 20:].max() == 1
+    # At one hit per idle second no slot is worth it.
+    assert dear[0, 20:].max() == 0
