@@ -21,14 +21,15 @@ API for the daemon's control loop (one tick every `forecast.plan_interval`):
 Sizing rules, in order, each recorded in `UserPlan.derivation`:
 
 1. Needed concurrency at the policy quantile q, the maximum over the forecast
-   horizon, times the `connections` weight. It is the smaller of two sizes:
-   the q-quantile of the peak of open connections in a planning interval,
-   which lets every arrival of the interval find a slot with probability q;
-   and the slots by which a share q of arrivals find a free one: by Little's
-   law the mean number open is the arrival rate times the service time, an
-   arrival finds a Poisson number of them open (PASTA), mixed over the
-   forecast's uncertainty (`predictor.little_slots_moments`), plus one for
-   itself. The first is smaller for sparse users, the second for busy ones.
+   horizon, times the `connections` weight. It is the smaller of two sizes.
+   The first is the q-quantile of the peak of open connections in a planning
+   interval, which lets every arrival of the interval find a slot with
+   probability q. The second is the number of slots by which a share q of
+   arrivals find a free one. By Little's law the mean number open is the
+   arrival rate times the service time. An arrival finds a Poisson number of
+   them open (PASTA), mixed over the forecast's uncertainty
+   (`predictor.little_slots_moments`), and needs one more slot for itself.
+   The first size is smaller for sparse users, the second for busy ones.
 2. Slots are that number rounded up. The relative width of the 90% predictive
    interval decides the tier mix: at or below `uncertainty_narrow` every slot
    is of the lightest tier the user's pool names, at or above
@@ -243,6 +244,7 @@ def plan_user(
     """Return the plan of one user before the host-wide memory cap."""
     settings = policy.forecast
     weights = _weights(settings)
+
     needed, needed_how, main = _needed(forecasts, settings, weights["connections"])
     width = _width(main)
     slots = math.ceil(needed - 1e-9)
@@ -252,6 +254,7 @@ def plan_user(
     )
     if not tiers:
         tiers = list(policy.tiers[:1])
+
     mix, mix_how = _tier_mix(slots, tiers, width, settings)
     capped = []
     if sum(mix.values()) > user.max_slots:
@@ -266,6 +269,7 @@ def plan_user(
         derivation.append(
             ("cap", f"at most max_slots {user.max_slots} ({user.source})")
         )
+
     plans = []
     for tier in tiers:
         count = mix.get(tier.name, 0)

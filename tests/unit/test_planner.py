@@ -79,7 +79,7 @@ def test_little_law(setup):
 
 def test_peak_smaller_than_little(setup):
     loaded, users = setup
-    # A peak of 1 needs 1 slot; Little's law asks at least 1 + 0: the peak wins.
+    # A peak of 1 needs 1 slot, and Little's law needs at least 1 + 0: the peak wins.
     forecasts = {"open_connections": sharp(1), "arrivals": sharp(10, "arrivals")}
     plan = planner.plan(loaded, {5001: forecasts}, 64 << 30, users)[5001]
     assert plan.total_slots() == 1
