@@ -11,7 +11,10 @@ API for the daemon's control loop (one tick every `forecast.plan_interval`):
     # Off the event loop; fits models, so run it in an executor:
     forecasts = await loop.run_in_executor(
         None, forecaster.forecast_users, history, uids, now)
-    # forecasts: dict[uid, dict[resource, Forecast]]
+    # forecasts: dict[uid, dict[resource, Forecast]]; for one user:
+    # forecaster.forecast(uid, history, now) -> dict[resource, Forecast]
+    # Forecaster(policy.forecast, resources=(..., "memory", "cpu")) also
+    # forecasts memory and CPU, which size memory.min and cpu.weight per slot.
 
     plans = plan(policy, forecasts, host_memory)          # dict[uid, UserPlan]
     # The reconciler applies plans[uid].slots() and each TierPlan's knobs.
@@ -30,6 +33,11 @@ Sizing rules, in order, each recorded in `UserPlan.derivation`:
    them open (PASTA), mixed over the forecast's uncertainty
    (`predictor.little_slots_moments`), and needs one more slot for itself.
    The first size is smaller for sparse users, the second for busy ones.
+   With `sizing: value` the number is instead the pool size with the largest
+   expected hits - `slot_price` x expected idle slot-seconds, from the
+   arrivals forecast and Little's law (`predictor.value_curves`). One price
+   for all users puts slots where they bring the most hits, which suits a
+   host-wide hit-rate goal. Quantile sizing suits a per-user goal.
 2. Slots are that number rounded up. The relative width of the 90% predictive
    interval decides the tier mix: at or below `uncertainty_narrow` every slot
    is of the lightest tier the user's pool names, at or above
@@ -59,12 +67,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from broker.policy import ForecastPolicy, Policy, Tier, UserPolicy
-from broker.predictor import Forecast, little_slots_moments
+from broker.predictor import Forecast, little_slots_moments, value_curves
 
 log = logging.getLogger(__name__)
 
 CPU_WEIGHT_MAX = 10000
 INTERVAL_LOW, INTERVAL_HIGH = 0.05, 0.95  # the 90% predictive interval
+MAX_VALUE_SLOTS = 256  # largest pool the value sizing considers (max_slots caps it too)
 
 
 @dataclass(frozen=True)
@@ -144,12 +153,32 @@ def _needed(
                 ),
             )
         )
+    if settings.sizing == "value" and arrivals is not None:
+        return _value_needed(arrivals, settings, weight)
     if not candidates:
         return 0.0, "no forecast", None
     value, _ = min(candidates)
     parts = "; ".join(text for _, text in candidates)
     main = open_forecast if open_forecast is not None else arrivals
     return value * weight, f"min({parts}) x weight {weight:g}", main
+
+
+def _value_needed(
+    arrivals: Forecast, settings: ForecastPolicy, weight: float
+) -> tuple[float, str, Forecast]:
+    """Return the pool size with the largest expected hits - price x idle seconds."""
+    factor = settings.service_time / arrivals.step
+    expected = arrivals.expected()
+    mean, variance = expected * factor, arrivals.variance() * factor**2
+    sizes = np.arange(MAX_VALUE_SLOTS + 1)
+    hits, idle = value_curves(expected, mean, variance, sizes, arrivals.step)
+    best = int(np.argmax(hits - settings.slot_price * idle, axis=1).max())
+    text = (
+        f"value: {best} slot(s) maximise expected hits - {settings.slot_price:g} x "
+        f"idle slot-seconds (arrivals {float(expected.max()):.2f} per step, "
+        f"service time {settings.service_time:g} s) x weight {weight:g}"
+    )
+    return best * weight, text, arrivals
 
 
 def _width(forecast: Forecast | None) -> float:

@@ -173,6 +173,11 @@ class ForecastPolicy:
     # are of the heaviest.
     uncertainty_narrow: float = 0.5
     uncertainty_wide: float = 2.0
+    # "quantile": slots at the policy quantile for each user. "value": the pool
+    # size with the largest expected hits - slot_price x expected idle
+    # slot-seconds, one price for all users (needs an arrivals forecast).
+    sizing: str = "quantile"
+    slot_price: float = 0.01  # hits an idle slot-second must be worth
     weights: tuple[tuple[str, float], ...] = (
         ("connections", 1.0),
         ("cpu", 1.0),
@@ -570,7 +575,7 @@ def _parse_forecast(reader: _Reader, node: yaml.Node) -> ForecastPolicy | None:
     known = (
         "enabled", "interval", "plan_interval", "quantile", "window", "horizon_min",
         "horizon_max", "service_time", "memory_min_share", "anomaly_sigma", "weights",
-        "uncertainty_narrow", "uncertainty_wide",
+        "uncertainty_narrow", "uncertainty_wide", "sizing", "slot_price",
     )
     reader.unknown_keys(items, known, fld)
     values: dict[str, Any] = {}
@@ -590,6 +595,14 @@ def _parse_forecast(reader: _Reader, node: yaml.Node) -> ForecastPolicy | None:
     for key in ("uncertainty_narrow", "uncertainty_wide"):
         if key in items:
             values[key] = reader.number(items[key][1], f"{fld}.{key}", 0.0, 100.0)
+    if "sizing" in items:
+        sizing = reader.string(items["sizing"][1], f"{fld}.sizing")
+        if sizing is not None and sizing not in ("quantile", "value"):
+            reader.problem(items["sizing"][1], f"{fld}.sizing", f"unknown sizing {sizing!r}", "use quantile or value")
+            sizing = None
+        values["sizing"] = sizing
+    if "slot_price" in items:
+        values["slot_price"] = reader.number(items["slot_price"][1], f"{fld}.slot_price", 0.0, 100.0)
     if "weights" in items:
         weights = []
         for key, (_, wnode) in (reader.mapping(items["weights"][1], f"{fld}.weights") or {}).items():

@@ -230,6 +230,45 @@ def little_slots_moments(
     return 1.0 + np.nan_to_num(found, nan=0.0)
 
 
+def mixed_poisson_cdf(
+    mean: np.ndarray, variance: np.ndarray, sizes: np.ndarray
+) -> np.ndarray:
+    """Return P(D <= j) per row and j in sizes, for the negative binomial D with the
+    row's mean and extra variance (Poisson where the variance is negligible)."""
+    rate = np.maximum(np.asarray(mean, dtype=float), 1e-12)[:, None]
+    spread = np.maximum(np.asarray(variance, dtype=float), 0.0)[:, None]
+    poisson_like = spread < 1e-9 * rate
+    safe = np.where(poisson_like, 1.0, spread)
+    return np.where(
+        poisson_like,
+        stats.poisson.cdf(sizes[None, :], rate),
+        stats.nbinom.cdf(sizes[None, :], rate**2 / safe, rate / (rate + safe)),
+    )
+
+
+def value_curves(
+    arrivals: np.ndarray,
+    mean: np.ndarray,
+    variance: np.ndarray,
+    sizes: np.ndarray,
+    step: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return expected hits and idle slot-seconds per row for each pool size.
+
+    arrivals: expected arrivals in the step; mean, variance: of the mean
+    number of open connections L. An arrival finds D open, mixed Poisson with
+    mean L (Little's law, PASTA), so P slots give arrivals * P(D <= P - 1)
+    hits, and P - E[min(D, P)] slots stand idle on average, where
+    E[min(D, P)] is the sum over j < P of P(D > j).
+    """
+    below = mixed_poisson_cdf(mean, variance, sizes)
+    zero = np.zeros((below.shape[0], 1))
+    found = np.concatenate([zero, below[:, :-1]], axis=1)
+    used = np.concatenate([zero, np.cumsum(1.0 - below, axis=1)[:, :-1]], axis=1)
+    hits = np.asarray(arrivals, dtype=float)[:, None] * found
+    return hits, (sizes[None, :] - used) * step
+
+
 # --------------------------------------------------------------------------
 # Small-history and sparse models
 # --------------------------------------------------------------------------
@@ -885,9 +924,17 @@ class Forecaster:
         self.predictors = {r: Predictor(settings, self.step, r) for r in resources}
         self.last: dict[tuple[Hashable, str], tuple[float, Forecast]] = {}
 
+    def forecast(self, uid: Hashable, history, now: float) -> dict[str, Forecast]:
+        """Return one user's forecasts per resource (empty without history).
+
+        Prefer `forecast_users` for many users: it batches their algebra.
+        """
+        return self.forecast_users(history, [uid], now).get(uid, {})
+
     def forecast_users(
         self, history, uids: Iterable[Hashable], now: float
     ) -> dict[Hashable, dict[str, Forecast]]:
+        """Score the last forecasts, then return forecasts per user and resource."""
         out: dict[Hashable, dict[str, Forecast]] = {}
         for resource, predictor in self.predictors.items():
             groups: dict[int, list[tuple[Hashable, np.ndarray, np.ndarray]]] = {}

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
 from broker.errors import BrokerError
 from broker.predictor import (
@@ -34,6 +33,7 @@ from broker.predictor import (
     PredictorSettings,
     little_slots_arrays,
     pit_below,
+    value_curves,
 )
 
 log = logging.getLogger(__name__)
@@ -619,14 +619,8 @@ class GaussianProcessValue(Method):
             expected = np.array([f.expected()[0] for f in counted])
             mean = np.array([max(f.expected()[0], 1e-9) for f in opened])
             variance = np.array([max(f.variance()[0], 0.0) for f in opened])
-            below = _mixed_poisson_cdf(mean, variance, sizes)  # P(D <= j)
-            found = np.concatenate([np.zeros((users, 1)), below[:, :-1]], axis=1)
-            self.hits[:, k] = expected[:, None] * found
-            # E[min(D, P)] = sum over j < P of P(D > j).
-            used = np.concatenate(
-                [np.zeros((users, 1)), np.cumsum(1.0 - below, axis=1)[:, :-1]], axis=1
-            )
-            self.idle[:, k] = (sizes[None, :] - used) * demand.interval
+            hits, idle = value_curves(expected, mean, variance, sizes, demand.interval)
+            self.hits[:, k], self.idle[:, k] = hits, idle
             for row in range(users):
                 arrivals.observe(counted[row], float(demand.arrivals[row, k]), label=k)
                 busy.observe(opened[row], float(demand.busy[row, k]), label=k)
@@ -635,21 +629,6 @@ class GaussianProcessValue(Method):
 
     def pools(self, knob: float) -> np.ndarray:
         return np.argmax(self.hits - knob * self.idle, axis=2).astype(float)
-
-
-def _mixed_poisson_cdf(
-    mean: np.ndarray, variance: np.ndarray, sizes: np.ndarray
-) -> np.ndarray:
-    """Return P(D <= j) for each row's negative binomial (Poisson if no spread) and j."""
-    rate = np.maximum(mean, 1e-12)[:, None]
-    spread = np.maximum(variance, 0.0)[:, None]
-    poisson_like = spread < 1e-9 * rate
-    safe = np.where(poisson_like, 1.0, spread)
-    return np.where(
-        poisson_like,
-        stats.poisson.cdf(sizes[None, :], rate),
-        stats.nbinom.cdf(sizes[None, :], rate**2 / safe, rate / (rate + safe)),
-    )
 
 
 class OracleStatic(Method):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -211,3 +212,24 @@ def test_horizon_max_over_steps(setup):
     # Steps forecast 1, 5 and 2 connections: the pool covers the largest.
     assert plan.total_slots() == 5
     assert plan.horizon == 30.0
+
+
+def test_value_sizing(setup):
+    loaded, users = setup
+    settings = replace(loaded.forecast, sizing="value", slot_price=0.01)
+    priced = replace(loaded, forecast=settings)
+    # 10 arrivals per 10 s step, 2 s each: L = 2, and D ~ Poisson(2). Slot k
+    # brings 10 x P(D = k - 1) hits and 10 s x P(D <= k - 1) idle seconds,
+    # worth 0.01 hits each. Slot 7: 10 x 0.0120 = 0.120 > 0.1 x 0.9955.
+    # Slot 8: 10 x 0.0034 = 0.034 < 0.1 x 0.9989. So 7 slots, capped at the
+    # user's max_slots of 6.
+    forecasts = {"arrivals": sharp(10, "arrivals")}
+    plan = planner.plan(priced, {5001: forecasts}, 64 << 30, users)[5001]
+    assert plan.total_slots() == 6
+    assert "value: 7 slot(s)" in dict(plan.derivation)["needed"]
+
+
+def test_value_sizing_policy_rejects_unknown():
+    text = POLICY.replace("quantile: 0.9", "quantile: 0.9\n  sizing: magic")
+    with pytest.raises(policy.PolicyError, match="unknown sizing 'magic'"):
+        policy.load_texts([("test.yaml", text)])
