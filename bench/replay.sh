@@ -1,6 +1,6 @@
 #!/bin/sh
 # Run the replay benchmarks whose results docs/benchmarks.md records.
-# Usage: sh bench/replay.sh [OUTDIR]   (default bench/results; about 30 min on 2 cores)
+# Usage: sh bench/replay.sh [OUTDIR]   (default bench/results; about 35 min on 2 cores)
 set -eu
 out=${1:-bench/results}
 mkdir -p "$out"
@@ -11,6 +11,10 @@ export PYTHONPATH=.
 nice -n 10 "$py" -m broker.replay bench/data/azure-functions-2019-sample \
     --methods gp,gp-peak,static,reactive,window-percentile,decaying-histogram,oracle-static \
     --json --plot "$out/azure-functions.png" > "$out/azure-functions.json"
+
+# Value sizing (one price per idle slot-second) on the same trace.
+nice -n 10 "$py" -m broker.replay bench/data/azure-functions-2019-sample \
+    --methods gp-value --json > "$out/azure-functions-gp-value.json"
 
 # The bound with hindsight per interval, on the same trace.
 nice -n 10 "$py" -m broker.replay bench/data/azure-functions-2019-sample \
