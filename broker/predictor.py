@@ -640,13 +640,15 @@ class Predictor:
     ) -> list[Forecast]:
         """Return one forecast per row of `windows` (users, n), oldest sample first.
 
-        `times` labels the columns (any unit); anomalous samples recorded by
-        `observe` under the same labels are replaced by what was forecast.
+        `times` labels the columns (any unit), shared (n,) or per row
+        (users, n). Anomalous samples recorded by `observe` under the same
+        labels are replaced by what was forecast.
         """
         started = time.process_time()
         windows = np.asarray(windows, dtype=float)[:, -self.settings.window :]
         if times is not None:
-            windows = self._clean(keys, windows, np.asarray(times)[-windows.shape[1] :])
+            labels = np.asarray(times)[..., -windows.shape[1] :]
+            windows = self._clean(keys, windows, labels)
         horizons = self.horizons(windows)
         depth = int(horizons.max()) if horizons.size else 1
         out = self._forecast_rows(keys, windows, depth)
@@ -736,6 +738,10 @@ class Predictor:
         return np.rint(low + (high - low) * volatility).astype(int)
 
     def _clean(self, keys, windows, times) -> np.ndarray:
+        """Return windows with recorded anomalous samples replaced.
+
+        times: labels of the columns, shared (n,) or per row (users, n).
+        """
         out = windows
         for row, key in enumerate(keys):
             replaced = self.replaced.get(key)
@@ -743,7 +749,8 @@ class Predictor:
                 continue
             if out is windows:
                 out = windows.copy()
-            for column, label in enumerate(times.tolist()):
+            labels = times[row] if times.ndim == 2 else times
+            for column, label in enumerate(labels.tolist()):
                 if label in replaced:
                     out[row, column] = replaced[label]
         return out
@@ -953,7 +960,7 @@ class Forecaster:
                 keys = [m[0] for m in members]
                 windows = np.stack([m[2] for m in members])
                 forecasts = predictor.forecast_windows(
-                    keys, windows, members[0][1] if size else None
+                    keys, windows, np.stack([m[1] for m in members])
                 )
                 for (uid, starts, _), forecast in zip(members, forecasts):
                     out.setdefault(uid, {})[resource] = forecast

@@ -264,3 +264,14 @@ def test_forecaster_from_history():
         )
     forecaster.forecast_users(history, [7], now=411.0)
     assert forecaster.status()["arrivals"]["7"]["scored"] == 1
+
+
+def test_clean_per_row_labels():
+    p = make()
+    p.replaced["a"] = {5.0: 1.0}
+    windows = np.full((2, 8), 9.0)
+    labels = np.stack([np.arange(8.0), np.arange(5.0, 13.0)])
+    cleaned = p._clean(["a", "b"], windows, labels)
+    # User a's column labelled 5 is the sixth; user b has no replacements.
+    assert cleaned[0].tolist() == [9, 9, 9, 9, 9, 1, 9, 9]
+    assert cleaned[1].tolist() == [9.0] * 8
