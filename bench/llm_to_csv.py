@@ -34,7 +34,9 @@ def main() -> int:
                     int(row["ContextTokens"]) * PREFILL_SECONDS_PER_TOKEN
                     + int(row["GeneratedTokens"]) * DECODE_SECONDS_PER_TOKEN
                 )
-                writer.writerow([f"{stamp.timestamp():.6f}", service, f"{duration:.4f}"])
+                writer.writerow(
+                    [f"{stamp.timestamp():.6f}", service, f"{duration:.4f}"]
+                )
     return 0
 
 
