@@ -31,7 +31,8 @@ Sizing rules, in order, each recorded in `UserPlan.derivation`:
    arrivals find a free one. By Little's law the mean number open is the
    arrival rate times the service time. An arrival finds a Poisson number of
    them open (PASTA), mixed over the forecast's uncertainty
-   (`predictor.little_slots_moments`), and needs one more slot for itself.
+   (`predictor.little_slots_moments`) and widened by the measured dispersion
+   of open connections within a step, and needs one more slot for itself.
    The first size is smaller for sparse users, the second for busy ones.
    With `sizing: value` the number is instead the pool size with the largest
    expected hits - `slot_price` x expected idle slot-seconds, from the
@@ -142,6 +143,7 @@ def _needed(
         factor = settings.service_time / arrivals.step
         mean = arrivals.expected() * factor
         variance = arrivals.variance() * factor**2
+        variance = variance + mean * (max(arrivals.dispersion, 1.0) - 1.0)
         little = float(little_slots_moments(mean, variance, np.array([q])).max())
         rate = float(arrivals.expected().max()) / arrivals.step
         candidates.append(
@@ -170,6 +172,7 @@ def _value_needed(
     factor = settings.service_time / arrivals.step
     expected = arrivals.expected()
     mean, variance = expected * factor, arrivals.variance() * factor**2
+    variance = variance + mean * (max(arrivals.dispersion, 1.0) - 1.0)
     sizes = np.arange(MAX_VALUE_SLOTS + 1)
     hits, idle = value_curves(expected, mean, variance, sizes, arrivals.step)
     best = int(np.argmax(hits - settings.slot_price * idle, axis=1).max())

@@ -31,6 +31,7 @@ from broker.errors import BrokerError
 from broker.predictor import (
     Predictor,
     PredictorSettings,
+    dispersion_index,
     little_slots_arrays,
     pit_below,
     value_curves,
@@ -213,6 +214,7 @@ class Demand:
     arrivals: np.ndarray  # arrivals in the interval
     peak: np.ndarray  # max open connections at any instant of the interval
     busy: np.ndarray  # mean open connections (busy slot-seconds / interval)
+    spread: np.ndarray | None = None  # variance over time of open connections
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -246,11 +248,12 @@ def _busy_integral(times: np.ndarray, level: np.ndarray, at: np.ndarray) -> np.n
 
 
 def measure_demand(trace: Trace, interval: float) -> Demand:
-    """Return arrivals, peak and mean open connections per user and interval."""
+    """Return arrivals, peak, mean and variance of open connections per user and interval."""
     count = math.ceil(trace.length / interval - 1e-9)
     bounds = np.arange(count + 1) * interval
     shape = (len(trace.users), count)
     arrivals, peak, busy = np.zeros(shape), np.zeros(shape), np.zeros(shape)
+    spread = np.zeros(shape)
     for row, user in enumerate(trace.users):
         index = np.minimum((user.start // interval).astype(int), count - 1)
         arrivals[row] = np.bincount(index, minlength=count)
@@ -259,7 +262,9 @@ def measure_demand(trace: Trace, interval: float) -> Demand:
         np.maximum.at(peak[row], (times[inside] // interval).astype(int), level[inside])
         peak[row] = np.maximum(peak[row], _level_before(times, level, bounds[:-1]))
         busy[row] = np.diff(_busy_integral(times, level, bounds)) / interval
-    return Demand(interval, arrivals, peak, busy)
+        square = np.diff(_busy_integral(times, level**2, bounds)) / interval
+        spread[row] = np.maximum(square - busy[row] ** 2, 0.0)
+    return Demand(interval, arrivals, peak, busy, spread)
 
 
 # --------------------------------------------------------------------------
@@ -542,7 +547,10 @@ class GaussianProcess(Method):
                 busy = busy_predictor.forecast_windows(
                     keys, demand.busy[:, first:k], labels
                 )
-            little = self._little(busy, busy_predictor, demand.busy[:, k], k)
+            dispersion = _dispersion(demand, first, k)
+            little = self._little(
+                busy, busy_predictor, demand.busy[:, k], k, dispersion
+            )
             for row, forecast in enumerate(forecasts):
                 slots = forecast.levels(GP_LEVELS).max(axis=0)
                 self.band[row, k] = forecast.levels(BAND_LEVELS)[0]
@@ -558,7 +566,11 @@ class GaussianProcess(Method):
 
     @staticmethod
     def _little(
-        busy, predictor: Predictor, actual: np.ndarray, label: int
+        busy,
+        predictor: Predictor,
+        actual: np.ndarray,
+        label: int,
+        dispersion: np.ndarray,
     ) -> dict[int, np.ndarray]:
         """Return Little's-law slots at every level for the rows with a GP busy forecast."""
         if busy is None:
@@ -568,7 +580,8 @@ class GaussianProcess(Method):
             return {}
         mean = np.stack([busy[row].mean for row in rows])
         std = np.stack([busy[row].std for row in rows])
-        slots = little_slots_arrays(mean, std, GP_LEVELS).max(axis=1)
+        spread = dispersion[rows][:, None]
+        slots = little_slots_arrays(mean, std, GP_LEVELS, spread).max(axis=1)
         for row in rows:
             predictor.observe(busy[row], float(actual[row]), label=label)
         return dict(zip(rows, slots))
@@ -578,6 +591,13 @@ class GaussianProcess(Method):
             np.clip(np.searchsorted(GP_LEVELS, knob - 1e-9), 0, GP_LEVELS.size - 1)
         )
         return self.grid[:, :, level].astype(float)
+
+
+def _dispersion(demand: Demand, first: int, last: int) -> np.ndarray:
+    """Return each user's dispersion index of open connections over [first, last)."""
+    if demand.spread is None:
+        return np.ones(demand.shape[0])
+    return dispersion_index(demand.busy[:, first:last], demand.spread[:, first:last])
 
 
 class GaussianProcessValue(Method):
@@ -619,6 +639,7 @@ class GaussianProcessValue(Method):
             expected = np.array([f.expected()[0] for f in counted])
             mean = np.array([max(f.expected()[0], 1e-9) for f in opened])
             variance = np.array([max(f.variance()[0], 0.0) for f in opened])
+            variance = variance + mean * (_dispersion(demand, first, k) - 1.0)
             hits, idle = value_curves(expected, mean, variance, sizes, demand.interval)
             self.hits[:, k], self.idle[:, k] = hits, idle
             for row in range(users):

@@ -233,3 +233,12 @@ def test_value_sizing_policy_rejects_unknown():
     text = POLICY.replace("quantile: 0.9", "quantile: 0.9\n  sizing: magic")
     with pytest.raises(policy.PolicyError, match="unknown sizing 'magic'"):
         policy.load_texts([("test.yaml", text)])
+
+
+def test_dispersion_more_slots(setup):
+    loaded, users = setup
+    plain = {"open_connections": sharp(40), "arrivals": sharp(10, "arrivals")}
+    bursty = dict(plain, arrivals=replace(plain["arrivals"], dispersion=4.0))
+    first = planner.plan(loaded, {5002: plain, 5001: bursty}, 64 << 30, users)
+    # Same arrivals; bursts (variance 4x the mean) need more slots for q = 0.9.
+    assert first[5001].needed > first[5002].needed

@@ -275,3 +275,36 @@ def test_clean_per_row_labels():
     # User a's column labelled 5 is the sixth; user b has no replacements.
     assert cleaned[0].tolist() == [9, 9, 9, 9, 9, 1, 9, 9]
     assert cleaned[1].tolist() == [9.0] * 8
+
+
+def test_dispersion_index():
+    # Variances 4 and 2 over means 1 and 2: 6 / 3 = 2. No load gives 1, and
+    # under-dispersion is raised to 1.
+    ratio = predictor.dispersion_index(
+        np.array([[1.0, 2.0], [0.0, 0.0], [2.0, 2.0]]),
+        np.array([[4.0, 2.0], [0.0, 0.0], [1.0, 1.0]]),
+    )
+    assert ratio.tolist() == [2.0, 1.0, 1.0]
+
+
+def test_little_slots_dispersion_widens():
+    # L = 2 exactly: Poisson(2) gives 3 slots at 0.6 (see above). With
+    # dispersion 3 the count has variance 6, so the 0.6-quantile is higher.
+    root, std, level = np.array([math.sqrt(2.0)]), np.array([0.0]), np.array([0.6])
+    plain = predictor.little_slots_arrays(root, std, level)
+    bursty = predictor.little_slots_arrays(root, std, np.array([0.99]), 3.0)
+    assert plain[0, 0] == 3
+    assert (
+        bursty[0, 0] > predictor.little_slots_arrays(root, std, np.array([0.99]))[0, 0]
+    )
+
+
+def test_step_dispersion():
+    # Step [0, 10): samples 0 and 4, mean 2, variance 4. Step [10, 20):
+    # samples 2 and 2, mean 2, variance 0. Index (4 + 0) / (2 + 2) = 1.
+    # Step [20, 30) is not complete at 25 s and is left out.
+    times = np.array([1.0, 2.0, 11.0, 12.0, 21.0])
+    values = np.array([0.0, 4.0, 2.0, 2.0, 100.0])
+    assert predictor.step_dispersion(times, values, 10.0, 25.0, 8) == pytest.approx(1.0)
+    # With only the first step: 4 / 2 = 2.
+    assert predictor.step_dispersion(times, values, 10.0, 15.0, 8) == pytest.approx(2.0)

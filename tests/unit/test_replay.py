@@ -286,3 +286,12 @@ def test_gp_value_price_monotone():
     assert cheap[0, 20:].max() == 1
     # At one hit per idle second no slot is worth it.
     assert dear[0, 20:].max() == 0
+
+
+def test_demand_spread():
+    # Arrivals at 1 s and 2 s hold 10 s each: over minute 1 the open count is
+    # 1 during [1, 2) and [11, 12), 2 during [2, 11), else 0. Mean
+    # (2 + 18) / 60 = 1/3; mean square (2 + 36) / 60; variance 38/60 - 1/9.
+    demand = replay.measure_demand(make_trace([1, 2, 70], [10, 10, 5]), 60.0)
+    assert demand.spread is not None
+    assert demand.spread[0, 0] == pytest.approx(38 / 60 - 1 / 9)
