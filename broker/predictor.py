@@ -164,12 +164,25 @@ class Forecast:
         value = actual + jitter if self.discrete else actual
         return (math.sqrt(max(value, 0.0)) - float(self.mean[0])) / float(self.std[0])
 
+    def calibrated(self) -> tuple[np.ndarray, np.ndarray]:
+        """Return mean and std in square-root units, corrected by past residuals.
+
+        With enough residuals the mean moves by std x their mean and the std
+        is scaled by their standard deviation, so moments used by Little's law
+        are as wide as the errors of past forecasts were.
+        """
+        if self.residuals.size < MIN_RESIDUALS:
+            return self.mean, self.std
+        shift, scale = float(np.mean(self.residuals)), float(np.std(self.residuals))
+        return self.mean + self.std * shift, np.maximum(self.std * scale, STD_FLOOR)
+
     def expected(self) -> np.ndarray:
         """Return the predictive mean of demand (not of its square root)."""
         if self.model == "sparse":
             assert self.zero_probability is not None and self.sizes is not None
             return (1.0 - self.zero_probability) * float(np.mean(self.sizes))
-        second = np.maximum(self.mean, 0.0) ** 2 + self.std**2
+        mean, std = self.calibrated()
+        second = np.maximum(mean, 0.0) ** 2 + std**2
         return np.maximum(second - 0.5, 0.0) if self.discrete else second
 
     def variance(self) -> np.ndarray:
@@ -179,9 +192,10 @@ class Forecast:
             active = 1.0 - self.zero_probability
             first, second = float(np.mean(self.sizes)), float(np.mean(self.sizes**2))
             return active * second - (active * first) ** 2
-        root = np.maximum(self.mean, 0.0)
+        mean, std = self.calibrated()
+        root = np.maximum(mean, 0.0)
         # Var(S^2) for S ~ N(root, std^2); counts lose the 1/12 of U.
-        variance = 4.0 * root**2 * self.std**2 + 2.0 * self.std**4
+        variance = 4.0 * root**2 * std**2 + 2.0 * std**4
         return np.maximum(variance - 1.0 / 12.0, 0.0) if self.discrete else variance
 
     def slots(self, q: float) -> np.ndarray:
@@ -205,7 +219,8 @@ def little_slots(busy: Forecast, levels: np.ndarray) -> np.ndarray:
     of open connections within a step, scales the Poisson part of the
     variance to cover them.
     """
-    return little_slots_arrays(busy.mean, busy.std, levels, busy.dispersion)
+    mean, std = busy.calibrated()
+    return little_slots_arrays(mean, std, levels, busy.dispersion)
 
 
 def little_slots_arrays(

@@ -578,8 +578,9 @@ class GaussianProcess(Method):
         rows = [row for row, f in enumerate(busy) if f.model != "sparse"]
         if not rows:
             return {}
-        mean = np.stack([busy[row].mean for row in rows])
-        std = np.stack([busy[row].std for row in rows])
+        moments = [busy[row].calibrated() for row in rows]
+        mean = np.stack([m for m, _ in moments])
+        std = np.stack([d for _, d in moments])
         spread = dispersion[rows][:, None]
         slots = little_slots_arrays(mean, std, GP_LEVELS, spread).max(axis=1)
         for row in rows:

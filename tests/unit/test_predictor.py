@@ -308,3 +308,30 @@ def test_step_dispersion():
     assert predictor.step_dispersion(times, values, 10.0, 25.0, 8) == pytest.approx(1.0)
     # With only the first step: 4 / 2 = 2.
     assert predictor.step_dispersion(times, values, 10.0, 15.0, 8) == pytest.approx(2.0)
+
+
+def test_calibrated_moments():
+    residuals = np.sort(np.array([-2.0, 2.0] * 8))
+    forecast = Forecast(
+        "u",
+        "busy",
+        "gp",
+        5.0,
+        np.array([3.0]),
+        np.array([0.5]),
+        residuals=residuals,
+        discrete=False,
+    )
+    mean, std = forecast.calibrated()
+    # Residuals have mean 0 and standard deviation 2: the std doubles.
+    assert mean[0] == pytest.approx(3.0)
+    assert std[0] == pytest.approx(1.0)
+    # E[S^2] = 3^2 + 1^2 with the calibrated std.
+    assert forecast.expected()[0] == pytest.approx(10.0)
+
+
+def test_calibrated_needs_residuals():
+    forecast = Forecast(
+        "u", "busy", "gp", 5.0, np.array([3.0]), np.array([0.5]), discrete=False
+    )
+    assert forecast.calibrated()[1][0] == 0.5
