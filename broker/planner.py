@@ -45,10 +45,10 @@ Sizing rules, in order, each recorded in `UserPlan.derivation`:
    `uncertainty_wide` every slot is of the heaviest, linearly in between. A
    user whose pool names a single tier gets one more slot instead when the
    interval is wide.
-3. Caps: at most `max_slots` slots per user (always applied, and noted when
-   the forecast flagged an anomaly); then, over all users, the sum of
-   memory.min at most `memory_min_share` of host memory, taking slots away
-   from the largest pools first.
+3. Caps: a user gets at most `max_slots` slots. The plan notes the cap as an
+   anomaly cap when the forecast flagged one. Then, over all users, the sum
+   of memory.min is at most `memory_min_share` of host memory, and slots are
+   taken away from the largest pools first.
 4. Per slot: memory.min is the tier's, raised to the forecast memory per open
    connection (times the `memory` weight) up to the tier's memory.high;
    cpu.weight is the tier's, scaled up by the forecast CPU cores per slot

@@ -9,11 +9,11 @@ Models, and which one serves a user:
   (RBF) plus a daily periodic part plus white noise. When the window shows a
   shorter period, such as a timer firing every few minutes, autocorrelation
   detects it and the kernel gets a periodic part with that period too.
-  Hyperparameters are shared: they are fitted by maximum likelihood on the
-  windows of many users at once (scikit-learn sums the log marginal
-  likelihood over the columns of a multi-output y), stored, and reused; a
-  later fit with `optimizer=None` is one Cholesky factorisation for all users
-  of the same window length and period.
+  Users share hyperparameters. They are fitted by maximum likelihood on the
+  windows of many users at once, because scikit-learn sums the log marginal
+  likelihood over the columns of a multi-output y. They are then stored and
+  reused, and the posterior for all users of one window length and period
+  comes from one Cholesky factorisation.
 - `sparse`: users with fewer than `min_active` non-zero samples in the window.
   Activity is a Bernoulli event with a Beta(1, 1) prior on its rate; the size
   of a non-zero sample is drawn from the user's own non-zero samples.
