@@ -168,6 +168,16 @@ class ForecastPolicy:
     service_time: float = 1.0  # seconds a connection occupies a slot, if not measured
     memory_min_share: float = 0.5  # cap: sum of memory.min over all slots / RAM
     anomaly_sigma: float = 4.0
+    # Relative width of the 90% predictive interval, (q95 - q05) / median, at or
+    # below which all slots are of the lightest tier, and at or above which all
+    # are of the heaviest.
+    uncertainty_narrow: float = 0.5
+    uncertainty_wide: float = 2.0
+    # "quantile": slots at the policy quantile for each user. "value": the pool
+    # size with the largest expected hits - slot_price x expected idle
+    # slot-seconds, one price for all users (needs an arrivals forecast).
+    sizing: str = "quantile"
+    slot_price: float = 0.01  # hits an idle slot-second must be worth
     weights: tuple[tuple[str, float], ...] = (
         ("connections", 1.0),
         ("cpu", 1.0),
@@ -724,6 +734,10 @@ def _parse_forecast(reader: _Reader, node: yaml.Node) -> ForecastPolicy | None:
         "memory_min_share",
         "anomaly_sigma",
         "weights",
+        "uncertainty_narrow",
+        "uncertainty_wide",
+        "sizing",
+        "slot_price",
     )
     reader.unknown_keys(items, known, fld)
     values: dict[str, Any] = {}
@@ -754,6 +768,24 @@ def _parse_forecast(reader: _Reader, node: yaml.Node) -> ForecastPolicy | None:
         values["anomaly_sigma"] = reader.number(
             items["anomaly_sigma"][1], f"{fld}.anomaly_sigma", 1.0, 100.0
         )
+    for key in ("uncertainty_narrow", "uncertainty_wide"):
+        if key in items:
+            values[key] = reader.number(items[key][1], f"{fld}.{key}", 0.0, 100.0)
+    if "sizing" in items:
+        sizing = reader.string(items["sizing"][1], f"{fld}.sizing")
+        if sizing is not None and sizing not in ("quantile", "value"):
+            reader.problem(
+                items["sizing"][1],
+                f"{fld}.sizing",
+                f"unknown sizing {sizing!r}",
+                "use quantile or value",
+            )
+            sizing = None
+        values["sizing"] = sizing
+    if "slot_price" in items:
+        values["slot_price"] = reader.number(
+            items["slot_price"][1], f"{fld}.slot_price", 0.0, 100.0
+        )
     if "weights" in items:
         weights = []
         for key, (_, wnode) in (
@@ -780,6 +812,15 @@ def _parse_forecast(reader: _Reader, node: yaml.Node) -> ForecastPolicy | None:
             f"{fld}.horizon_min",
             "is above horizon_max",
             "set horizon_min <= horizon_max",
+        )
+        return None
+    if result.uncertainty_narrow > result.uncertainty_wide:
+        where = items.get("uncertainty_narrow", (node, node))[1]
+        reader.problem(
+            where,
+            f"{fld}.uncertainty_narrow",
+            "is above uncertainty_wide",
+            "set uncertainty_narrow <= uncertainty_wide",
         )
         return None
     return result
