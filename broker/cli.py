@@ -75,7 +75,7 @@ def _is_daemon() -> bool:
     return len(sys.argv) > 1 and sys.argv[1] == "run"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="broker",
         description=(
@@ -163,16 +163,21 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("user", help="user name or uid")
     explain.add_argument("--json", action="store_true", help="print as JSON")
     explain.add_argument("--state-dir", metavar="DIR", help="default /run/broker")
-    _add_replay(sub)
+    _add_replay(sub, argv)
     return parser
 
 
-def _add_replay(sub: Any) -> None:
-    try:
-        from broker import replay
-    except ImportError:
-        return
-    replay.add_parser(sub)
+REPLAY_HELP = "replay a demand trace offline and compare pool-sizing methods"
+
+
+def _add_replay(sub: Any, argv: Sequence[str]) -> None:
+    """Register `replay`; its module imports numpy and scikit-learn, so only when needed."""
+    if "replay" in argv or "-h" in argv or "--help" in argv or not argv:
+        from broker.replay import add_parser
+
+        add_parser(sub)
+    else:
+        sub.add_parser("replay", help=REPLAY_HELP)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -314,14 +319,16 @@ COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     handler = COMMANDS.get(args.command)
     if handler is None:
-        from broker import replay
+        from broker.replay import run as run_replay
 
-        handler = replay.run
+        handler = run_replay
     try:
         return handler(args)
     except BrokerError as exc:
