@@ -141,6 +141,10 @@ class Daemon:
         self.features: features_mod.Features | None = None
         self._dirty = False
         self._last_user_refresh = 0.0
+        self._last_measure = 0.0
+        self._pools_stale = False
+        self.forecast: Any = None  # broker.forecast_loop.ForecastLoop when enabled
+        self.plan_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plan")
         self.shaper: ShaperGroup | None = None
         # Netlink calls block for milliseconds to a fraction of a second, so
         # they run on one worker thread, in the order they were submitted.
@@ -203,7 +207,9 @@ class Daemon:
             idle_timeout=self.idle_timeout,
             on_change=self.mark_dirty,
             on_slot_state=self.on_slot_state,
+            on_miss=self.on_miss,
         )
+        self.update_forecast(self.policy)
         if self.policy.interfaces:
             self.shaper = ShaperGroup(self.policy.interfaces)
         self.readopt()
@@ -268,10 +274,14 @@ class Daemon:
                 pass
 
     def tick(self) -> None:
+        """One control period: reclaim, measure, predict, plan, apply."""
         assert self.trigger is not None
         try:
             self.trigger.reclaim_idle()
             self.refresh_users()
+            self.measure_and_plan()
+            if self._pools_stale:
+                self.apply_pools(verify=False)
             self.refresh_class_stats()
         except BrokerError as exc:
             log.error("control tick: %s", exc)
@@ -283,19 +293,101 @@ class Daemon:
         if not force and now - self._last_user_refresh < USER_REFRESH_SECONDS:
             return
         self._last_user_refresh = now
-        assert self.policy is not None and self.reconciler is not None
+        assert self.policy is not None
         users = self.policy.managed_users()
-        desired = {uid: entry.pool_dict() for uid, entry in users.items()}
-        tiers = {t.name: t for t in self.policy.tiers}
-        changes = self.reconciler.apply(desired, tiers)
         if users.keys() != self.users.keys() and self.probe is not None:
             self.probe.set_managed_uids(users)
+        if self.forecast is not None:
+            for uid in self.users.keys() - users.keys():
+                self.forecast.forget(uid)
         self.users = users
+        self.apply_pools(verify=True)
         if self.shaper is not None:
             self.in_netshape_worker(self.shaper.apply, list(users))
+
+    def apply_pools(self, verify: bool) -> None:
+        """Apply the static pools, or the forecast's plans once there are some."""
+        assert self.policy is not None and self.reconciler is not None
+        if self.forecast is not None:
+            desired, overrides = self.forecast.desired(self.users)
+        else:
+            desired = {uid: entry.pool_dict() for uid, entry in self.users.items()}
+            overrides = {}
+        tiers = {t.name: t for t in self.policy.tiers}
+        changes = self.reconciler.apply(desired, tiers, overrides, verify=verify)
+        self._pools_stale = False
         if any(changes.values()):
-            log.info("pools applied for %d user(s): %s", len(users), changes)
+            log.info("pools applied for %d user(s): %s", len(self.users), changes)
             self.mark_dirty()
+
+    # -- forecast ----------------------------------------------------------------
+
+    def update_forecast(self, policy: Policy) -> None:
+        """Start, keep or stop the forecast loop to match the policy."""
+        if not policy.forecast.enabled:
+            self.forecast = None
+            return
+        if (
+            self.forecast is not None
+            and self.forecast.policy.forecast == policy.forecast
+        ):
+            self.forecast.policy = policy  # tiers and users may change, history stays
+            return
+        from broker.forecast_loop import ForecastLoop  # imports scikit-learn
+
+        assert self.reconciler is not None
+        self.forecast = ForecastLoop(policy, self.cg)
+        log.info(
+            "forecast enabled: plan every %.0fs at quantile %.2f",
+            policy.forecast.plan_interval,
+            policy.forecast.quantile,
+        )
+
+    def measure_and_plan(self) -> None:
+        """Record demand every forecast interval and start a plan when one is due."""
+        if self.forecast is None or self.probe is None or self.reconciler is None:
+            return
+        now = time.monotonic()
+        if now - self._last_measure >= self.forecast.policy.forecast.interval:
+            self._last_measure = now
+            slot_paths = {
+                uid: [s.path for s in slots]
+                for uid, slots in self.reconciler.pools.slots.items()
+            }
+            self.forecast.measure(now, self.users, slot_paths, self.probe.counters())
+        if self.forecast.due(now):
+            self.start_plan(now)
+
+    def start_plan(self, now: float) -> None:
+        """Fit and plan on a worker thread; apply the result back on the loop."""
+        assert self.forecast is not None
+        forecast = self.forecast
+        users = dict(self.users)
+        forecast.start_planning(now)
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(
+            self.plan_worker, forecast.predict_and_plan, now, users
+        )
+
+        def done(result: asyncio.Future) -> None:
+            plans = None
+            if result.cancelled():
+                log.warning("planning was cancelled")
+            elif result.exception() is not None:
+                log.error("planning failed: %r", result.exception())
+            else:
+                plans = result.result()
+            forecast.finish_planning(plans)
+            if plans is not None and forecast is self.forecast:
+                self._pools_stale = True
+
+        future.add_done_callback(done)
+
+    def on_miss(self, uid: int) -> None:
+        """Cold path: with forecasts on, grow the user's pool by one at the next tick."""
+        if self.forecast is not None:
+            self.forecast.request_slot(uid)
+            self._pools_stale = True
 
     def idle_timeout(self, uid: int) -> float:
         entry = self.users.get(uid)
@@ -314,6 +406,7 @@ class Daemon:
             return
         self.policy = new_policy
         self.update_shaper(new_policy)
+        self.update_forecast(new_policy)
         self.policy_loaded_at = time.time()
         self.last_reload_error = []
         log.info("policy reloaded: %s", new_policy.summary())
@@ -410,6 +503,8 @@ class Daemon:
         users: dict[str, Any] = {}
         for uid in sorted(set(self.users) | set(self.trigger.counters)):
             users[str(uid)] = self.user_status(uid, counters.get(uid))
+            if self.forecast is not None:
+                users[str(uid)]["plan"] = self.forecast.user_status(uid)
         return {
             "daemon": {
                 "pid": os.getpid(),

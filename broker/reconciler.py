@@ -65,6 +65,7 @@ class Slot:
     path: str
     tgid: int | None = None  # the placed process, None when free
     retiring: bool = False  # remove when it becomes free
+    knobs: dict[str, str] = field(default_factory=dict)  # last written and verified
 
     @property
     def busy(self) -> bool:
@@ -114,6 +115,7 @@ class Reconciler:
         self.dry_run = dry_run
         self.pools = PoolTable()
         self.controllers: set[str] = set(BASE_CONTROLLERS)
+        self._verify = True
 
     # -- setup -----------------------------------------------------------------
 
@@ -158,15 +160,26 @@ class Reconciler:
     # -- apply -----------------------------------------------------------------
 
     def apply(
-        self, desired: dict[int, dict[str, int]], tiers: dict[str, Tier]
+        self,
+        desired: dict[int, dict[str, int]],
+        tiers: dict[str, Tier],
+        overrides: dict[int, dict[str, dict[str, str]]] | None = None,
+        verify: bool = True,
     ) -> dict[str, int]:
-        """Make slots match desired[uid][tier] = count; return counts of changes."""
+        """Make slots match desired[uid][tier] = count; return counts of changes.
+
+        overrides[uid][tier] replaces some of the tier's knobs for that user's
+        slots (the planner's memory.min and cpu.weight). With verify=False,
+        knobs already written and verified are not read back again.
+        """
         changes = {"created": 0, "removed": 0, "retiring": 0}
+        self._verify = verify
+        overrides = overrides or {}
         for uid, pool in desired.items():
-            self._apply_user(uid, pool, tiers, changes)
+            self._apply_user(uid, pool, tiers, changes, overrides.get(uid, {}))
         for uid in list(self.pools.slots):
             if uid not in desired:
-                self._apply_user(uid, {}, tiers, changes)
+                self._apply_user(uid, {}, tiers, changes, {})
         self._write_sums(
             self.users_dir, [join(self.users_dir, f"uid-{u}") for u in self.pools.slots]
         )
@@ -178,6 +191,7 @@ class Reconciler:
         pool: dict[str, int],
         tiers: dict[str, Tier],
         changes: dict[str, int],
+        overrides: dict[str, dict[str, str]],
     ) -> None:
         user_path = join(self.users_dir, f"uid-{uid}")
         slots = self.pools.slots.setdefault(uid, [])
@@ -185,10 +199,10 @@ class Reconciler:
             self.cg.mkdir(user_path)
             self.cg.enable_controllers(user_path, self.controllers)
         for tier_name, count in pool.items():
+            knobs = tier_knobs(tiers[tier_name], self.controllers)
+            knobs.update(overrides.get(tier_name, {}))
             for index in range(count):
-                self._ensure_slot(
-                    uid, tier_name, index, tiers[tier_name], slots, changes
-                )
+                self._ensure_slot(uid, tier_name, index, knobs, slots, changes)
         for slot in list(slots):
             wanted = pool.get(slot.tier, 0) > slot.index and slot.tier in tiers
             if wanted:
@@ -207,7 +221,7 @@ class Reconciler:
         uid: int,
         tier_name: str,
         index: int,
-        tier: Tier,
+        knobs: dict[str, str],
         slots: list[Slot],
         changes: dict[str, int],
     ) -> None:
@@ -219,15 +233,14 @@ class Reconciler:
             changes["created"] += 1
             log.info("creating slot %s (tier %s) for uid %d", path, tier_name, uid)
         if self.dry_run:
-            log.info(
-                "dry run: would write %s to %s",
-                tier_knobs(tier, self.controllers),
-                path,
-            )
+            log.info("dry run: would write %s to %s", knobs, path)
+            return
+        if not self._verify and slot.knobs == knobs:
             return
         self.cg.mkdir(path)
-        for knob, value in tier_knobs(tier, self.controllers).items():
+        for knob, value in knobs.items():
             self.cg.write_checked(path, knob, value)
+        slot.knobs = dict(knobs)
 
     def _retire(self, slot: Slot, slots: list[Slot], changes: dict[str, int]) -> None:
         if slot.busy:

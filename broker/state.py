@@ -86,8 +86,16 @@ def load_placements(directory: Path) -> list[Placement]:
     return placements
 
 
+def _plain(value: Any) -> Any:
+    """Convert numpy scalars, which json cannot encode, to Python numbers."""
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
 def save_status(directory: Path, status: dict[str, Any]) -> None:
-    write_atomic(directory / STATUS_FILE, json.dumps(status, indent=1, sort_keys=True))
+    text = json.dumps(status, indent=1, sort_keys=True, default=_plain)
+    write_atomic(directory / STATUS_FILE, text)
 
 
 def load_status(directory: Path) -> dict[str, Any]:

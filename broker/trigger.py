@@ -51,6 +51,7 @@ class Trigger:
     idle_timeout: Callable[[int], float]  # uid -> seconds
     on_change: Callable[[], None] = lambda: None  # placements changed
     on_slot_state: Callable[[int, str | None], None] = lambda uid, tier: None
+    on_miss: Callable[[int], None] = lambda uid: None  # cold path: ask for a slot
     placements: dict[int, Placement] = field(default_factory=dict)
     counters: dict[int, UserCounters] = field(default_factory=dict)
     # Kernel accept timestamp to the return of the cgroup.procs write.
@@ -95,6 +96,7 @@ class Trigger:
             log.debug(
                 "no free slot for uid %d (pid %d): cold path", event.uid, event.tgid
             )
+            self.on_miss(event.uid)
             return
         outcome = self.cg.move(event.tgid, slot.path)
         moved_ns = time.monotonic_ns()
