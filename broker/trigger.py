@@ -100,7 +100,7 @@ class Trigger:
             return
         outcome = self.cg.move(event.tgid, slot.path)
         moved_ns = time.monotonic_ns()
-        outcome = self._refine(outcome, event.tgid)
+        outcome = self._refine(outcome, event.tgid, slot.path)
         if outcome is not MoveOutcome.MOVED:
             self._count_failure(counters, outcome, event.tgid, slot.path)
             return
@@ -123,16 +123,21 @@ class Trigger:
         self.on_slot_state(event.uid, slot.tier)
         self.on_change()
 
-    def _refine(self, outcome: MoveOutcome, pid: int) -> MoveOutcome:
+    def _refine(self, outcome: MoveOutcome, pid: int, target: str) -> MoveOutcome:
         """Tell zombies and kernel threads apart after the write, off the timed path.
 
         The kernel accepts the pid of a zombie and moves nothing, and rejects a
-        kernel thread with EINVAL, so /proc/PID/stat is read only afterwards.
+        kernel thread with EINVAL. After a successful write, /proc/PID/cgroup
+        shows whether the process really is in the target: a zombie still
+        shows its old cgroup, while a process that exited right after the move
+        shows the target (or is gone, and the next tick forgets it).
         """
-        state = self.cg.classify(pid)
         if outcome is MoveOutcome.MOVED:
-            return MoveOutcome.ZOMBIE if state is MoveOutcome.ZOMBIE else outcome
-        return state or outcome
+            now_in = self.cg.cgroup_of(pid)
+            if now_in is None or now_in == target:
+                return outcome
+            return self.cg.classify(pid) or MoveOutcome.ZOMBIE
+        return self.cg.classify(pid) or outcome
 
     def _refresh_owner_of(self, cgroup: str, now: float) -> None:
         """Refresh the idle timer of the slot in which a placed process's child accepted."""
