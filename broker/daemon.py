@@ -213,6 +213,7 @@ class Daemon:
         if self.policy.interfaces:
             self.shaper = ShaperGroup(self.policy.interfaces)
         self.readopt()
+        self.trigger.watch_exits(asyncio.get_running_loop())
         self.refresh_users(force=True)
         self.netshape_worker.submit(lambda: None).result()  # first tc apply done
         self.probe = AcceptProbe(ring_entries=self.options.ring_entries)
@@ -261,7 +262,7 @@ class Daemon:
         watchdog = watchdog_interval()
         last_ping = 0.0
         while not self.stop_event.is_set():
-            self.tick()
+            await self.tick()
             now = time.monotonic()
             if watchdog is not None and now - last_ping >= watchdog:
                 self.notifier.watchdog()
@@ -273,19 +274,37 @@ class Daemon:
             except asyncio.TimeoutError:
                 pass
 
-    def tick(self) -> None:
-        """One control period: reclaim, measure, predict, plan, apply."""
+    async def tick(self) -> None:
+        """One control period: reclaim, measure, predict, plan, apply.
+
+        The steps yield to the loop in between, so ring-buffer events that
+        arrive during a tick wait for one step, not for the whole tick.
+        """
         assert self.trigger is not None
-        try:
-            self.trigger.reclaim_idle()
-            self.refresh_users()
-            self.measure_and_plan()
-            if self._pools_stale:
-                self.apply_pools(verify=False)
-            self.refresh_class_stats()
-        except BrokerError as exc:
-            log.error("control tick: %s", exc)
+        steps = (
+            self.trigger.reclaim_idle,
+            self.check_placements,
+            self.refresh_users,
+            self.measure_and_plan,
+            self.apply_stale_pools,
+            self.refresh_class_stats,
+        )
+        for step in steps:
+            try:
+                step()
+            except BrokerError as exc:
+                log.error("control tick: %s", exc)
+            await asyncio.sleep(0)
         self.write_state()
+
+    def check_placements(self) -> None:
+        assert self.trigger is not None
+        if self._last_user_refresh + USER_REFRESH_SECONDS <= time.monotonic():
+            self.trigger.check_placements()
+
+    def apply_stale_pools(self) -> None:
+        if self._pools_stale:
+            self.apply_pools(verify=False)
 
     def refresh_users(self, force: bool = False) -> None:
         """Re-resolve managed users (accounts come and go) and apply pools."""

@@ -84,8 +84,10 @@ class PoolTable:
                 return slot
         return None
 
-    def by_path(self, path: str) -> Slot | None:
-        for slots in self.slots.values():
+    def by_path(self, path: str, uid: int | None = None) -> Slot | None:
+        """Return the slot at path; with uid, only that user's slots are searched."""
+        groups = [self.slots.get(uid, [])] if uid is not None else self.slots.values()
+        for slots in groups:
             for slot in slots:
                 if slot.path == path:
                     return slot

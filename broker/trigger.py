@@ -11,7 +11,9 @@ its user's idle timeout goes back home and its slot is free again.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -59,6 +61,8 @@ class Trigger:
     # Kernel accept timestamp to the start of on_accept(): ring buffer and loop.
     delivery_ns: deque = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
     events: int = 0
+    _loop: asyncio.AbstractEventLoop | None = None
+    _pidfds: dict[int, int] = field(default_factory=dict)
 
     def user(self, uid: int) -> UserCounters:
         counters = self.counters.get(uid)
@@ -108,6 +112,7 @@ class Trigger:
         self.placements[event.tgid] = Placement(
             event.tgid, event.uid, slot.path, home, event.ts_ns, moved_ns, now
         )
+        self._watch(event.tgid)
         counters.activations += 1
         self.latencies_ns.append(moved_ns - event.ts_ns)
         self.delivery_ns.append(handled_ns - event.ts_ns)
@@ -164,13 +169,61 @@ class Trigger:
 
     # -- control path ----------------------------------------------------------
 
+    def watch_exits(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Free a slot as soon as its process exits, through a pidfd per placement.
+
+        A pidfd (pidfd_open(2), Linux 5.3) becomes readable when the process
+        exits, so the loop needs no per-tick scan of /proc for exits.
+        """
+        self._loop = loop
+        for tgid in list(self.placements):
+            self._watch(tgid)
+
+    def _watch(self, tgid: int) -> None:
+        if self._loop is None or tgid in self._pidfds:
+            return
+        try:
+            fd = os.pidfd_open(tgid)
+        except ProcessLookupError:
+            return  # already gone: the next check_placements() forgets it
+        except OSError as exc:
+            log.debug(
+                "pidfd_open(%d) failed: %s; relying on periodic checks", tgid, exc
+            )
+            return
+        self._pidfds[tgid] = fd
+        self._loop.add_reader(fd, self._on_exit, tgid)
+
+    def _unwatch(self, tgid: int) -> None:
+        fd = self._pidfds.pop(tgid, None)
+        if fd is not None and self._loop is not None:
+            self._loop.remove_reader(fd)
+            os.close(fd)
+
+    def _on_exit(self, tgid: int) -> None:
+        placement = self.placements.get(tgid)
+        self._unwatch(tgid)
+        if placement is not None:
+            slot = self.reconciler.pools.by_path(placement.slot, placement.uid)
+            self._forget(placement, slot, exited=True)
+
+    def check_placements(self) -> None:
+        """Forget placements whose process left its slot without a pidfd telling."""
+        for placement in list(self.placements.values()):
+            if self.cg.cgroup_of(placement.tgid) != placement.slot:
+                slot = self.reconciler.pools.by_path(placement.slot, placement.uid)
+                self._forget(placement, slot, exited=True)
+
     def reclaim_idle(self, now: float | None = None) -> int:
         """Send home every placed process idle for its user's timeout; return how many."""
         now = time.monotonic() if now is None else now
         count = 0
         for placement in list(self.placements.values()):
-            slot = self.reconciler.pools.by_path(placement.slot)
-            if self.cg.cgroup_of(placement.tgid) != placement.slot:
+            slot = self.reconciler.pools.by_path(placement.slot, placement.uid)
+            if (
+                self._loop is None
+                and self.cg.cgroup_of(placement.tgid) != placement.slot
+            ):
                 self._forget(placement, slot, exited=True)
                 continue
             if now - placement.last_accept >= self.idle_timeout(placement.uid):
@@ -184,7 +237,6 @@ class Trigger:
         pids = self.cg.procs(placement.slot) or [placement.tgid]
         for pid in pids:
             self.return_pid(pid, placement.home, placement.uid, reason)
-        self.cg.wait_unpopulated(placement.slot, 1.0)
         self._forget(placement, slot, exited=False)
 
     def return_pid(self, pid: int, home: str, uid: int, reason: str) -> str | None:
@@ -237,6 +289,7 @@ class Trigger:
 
     def _forget(self, placement: Placement, slot: Slot | None, exited: bool) -> None:
         self.placements.pop(placement.tgid, None)
+        self._unwatch(placement.tgid)
         if exited:
             self.user(placement.uid).exits += 1
             log.info(
@@ -258,7 +311,7 @@ class Trigger:
         """Return the tier of one busy slot of uid, or None when all are free."""
         for placement in self.placements.values():
             if placement.uid == uid:
-                slot = self.reconciler.pools.by_path(placement.slot)
+                slot = self.reconciler.pools.by_path(placement.slot, placement.uid)
                 if slot is not None:
                     return slot.tier
         return None
@@ -267,7 +320,7 @@ class Trigger:
         """Send every placed process home (used on stop); return how many."""
         count = 0
         for placement in list(self.placements.values()):
-            slot = self.reconciler.pools.by_path(placement.slot)
+            slot = self.reconciler.pools.by_path(placement.slot, placement.uid)
             self.send_home(placement, slot, reason)
             count += 1
         return count
