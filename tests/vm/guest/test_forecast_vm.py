@@ -151,3 +151,17 @@ def test_pool_follows_ramp(server):
     assert peak_slots > start_slots
     assert activations / max(activations + misses, 1) >= 0.7
     assert series[-1]["slots"] <= peak_slots // 2
+
+
+def test_explain_shows_derivation(server):
+    result = sh("/opt/broker/bin/broker", "explain", USER)
+    assert f"user {UID}:" in result.stdout
+    assert "quantile 0.9" in result.stdout
+    assert "horizon" in result.stdout
+
+
+def test_explain_json_matches_slots(server):
+    data = json.loads(sh("/opt/broker/bin/broker", "explain", USER, "--json").stdout)
+    planned = sum(t["slots"] for t in data["plan"]["tiers"])
+    assert planned >= 1
+    assert data["plan"]["model"] in ("gp", "sparse", "ewma")
