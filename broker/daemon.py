@@ -399,8 +399,18 @@ class Daemon:
             forecast.finish_planning(plans)
             if plans is not None and forecast is self.forecast:
                 self._pools_stale = True
+                self.update_warm_rates(plans)
 
         future.add_done_callback(done)
+
+    def update_warm_rates(self, plans: dict[int, Any]) -> None:
+        """Hand the planned warm bandwidth of each user to the shaper."""
+        if self.shaper is None:
+            return
+        rates = {
+            uid: p.warm_rate for uid, p in plans.items() if p.warm_rate is not None
+        }
+        self.in_netshape_worker(self.shaper.set_warm_rates, rates)
 
     def on_miss(self, uid: int) -> None:
         """Cold path: with forecasts on, grow the user's pool by one at the next tick."""

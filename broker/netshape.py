@@ -298,8 +298,14 @@ def desired_classes(
     states: Mapping[int, str],
     link: Link,
     major: int = DEFAULT_MAJOR,
+    warm_rates: Mapping[int, int] | None = None,
 ) -> dict[int, ClassSpec]:
-    """Return the classes the policy wants, keyed by class id, root first."""
+    """Return the classes the policy wants, keyed by class id, root first.
+
+    warm_rates[uid] replaces the warm tier's guaranteed rate of a busy user
+    (the planner's sizing), kept between the user's idle rate and the tier's
+    ceil.
+    """
     root = make_classid(major, ROOT_MINOR)
 
     def spec(
@@ -319,6 +325,10 @@ def desired_classes(
     ]
     for uid, classid in sorted(assignments.items(), key=lambda item: item[1]):
         rates, tier = user_rates(policy, states.get(uid))
+        planned = (warm_rates or {}).get(uid)
+        if tier is not None and planned is not None:
+            rate = min(max(planned, policy.user.rate), rates.ceil)
+            rates = ClassRates(rate, rates.ceil)
         specs.append(spec(classid, root, rates, "user", uid=uid, tier=tier))
     return {s.classid: s for s in specs}
 
@@ -775,6 +785,7 @@ class Shaper:
         self.major = major
         self.table = ClassTable(policy.name, major)
         self._states: dict[int, str] = {}
+        self._warm_rates: dict[int, int] = {}  # planned warm rates, bit/s
         self._classifier = classifier
         self._filter_attached = False  # by this Shaper, with its program
         self._link: Link | None = None  # as found by the last apply()
@@ -817,7 +828,12 @@ class Shaper:
             ifindex = link.index
             self.table.sync(managed_uids)
             desired = desired_classes(
-                self.policy, self.table.assignments(), self._states, link, self.major
+                self.policy,
+                self.table.assignments(),
+                self._states,
+                link,
+                self.major,
+                self._warm_rates,
             )
             self._warn_if_oversubscribed(desired)
 
@@ -1121,6 +1137,11 @@ class Shaper:
                 return False
             return self._update_user_class(uid, classid, tier)
 
+    def set_warm_rates(self, rates: Mapping[int, int]) -> None:
+        """Use planned warm rates (bit/s per uid) from the next class update on."""
+        with self._lock:
+            self._warm_rates = dict(rates)
+
     def _stronger_tier(self, current: str | None, new: str) -> str:
         """Return the tier with the higher (rate, ceil) on this interface."""
 
@@ -1135,7 +1156,12 @@ class Shaper:
         assert link is not None  # set_user_state() checked it
         ifindex = link.index
         spec = desired_classes(
-            self.policy, {uid: classid}, self._states, link, self.major
+            self.policy,
+            {uid: classid},
+            self._states,
+            link,
+            self.major,
+            self._warm_rates,
         )[classid]
         target = spec.describe(self.interface)
         msg = self._netlink.get_class(ifindex, classid, target)
@@ -1362,6 +1388,10 @@ class ShaperGroup:
                 shaper.set_user_state(uid, tier)
             except BrokerError as exc:
                 log.error("%s: rates of uid %s for tier %s: %s", name, uid, tier, exc)
+
+    def set_warm_rates(self, rates: Mapping[int, int]) -> None:
+        for shaper in self.shapers.values():
+            shaper.set_warm_rates(rates)
 
     def stats(self) -> list[ClassStats]:
         rows: list[ClassStats] = []

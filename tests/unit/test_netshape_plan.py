@@ -278,3 +278,29 @@ def test_check_rates_rejects_out_of_range(bad: int) -> None:
 
     assert caught.value.errno == errno.EINVAL
     assert "default" in str(caught.value)
+
+
+def test_planned_warm_rate_replaces_tier_rate() -> None:
+    specs = desired_classes(
+        policy(), {1001: 0x103F9}, {1001: "heavy"}, LINK, warm_rates={1001: 80 * MBIT}
+    )
+    assert specs[0x103F9].rate == 80 * MBIT
+    assert specs[0x103F9].ceil == 200 * MBIT
+
+
+def test_planned_warm_rate_bounded_by_idle_and_ceil() -> None:
+    low = desired_classes(
+        policy(), {1001: 0x103F9}, {1001: "heavy"}, LINK, warm_rates={1001: 1}
+    )
+    high = desired_classes(
+        policy(), {1001: 0x103F9}, {1001: "heavy"}, LINK, warm_rates={1001: 10**12}
+    )
+    assert low[0x103F9].rate == 5 * MBIT
+    assert high[0x103F9].rate == 200 * MBIT
+
+
+def test_planned_warm_rate_ignored_when_idle() -> None:
+    specs = desired_classes(
+        policy(), {1001: 0x103F9}, {}, LINK, warm_rates={1001: 80 * MBIT}
+    )
+    assert specs[0x103F9].rate == 5 * MBIT
