@@ -106,7 +106,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     run.add_argument(
         "--cgroup-root",
         metavar="CGROUP",
-        help="delegated cgroup that holds the slots (default: the cgroup of broker-slots.service; 'self': the daemon's own cgroup, for systemd-run --scope -p Delegate=yes)",
+        help="delegated cgroup for the slots (default: the cgroup of broker-slots.service; 'self': the daemon's own cgroup, for systemd-run --scope -p Delegate=yes)",
     )
     run.add_argument(
         "--state-dir",

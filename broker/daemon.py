@@ -61,7 +61,7 @@ class DaemonOptions:
 
 
 def resolve_root(cg: CgroupFS, explicit: str | None) -> str:
-    """Return the delegated cgroup that holds the slots.
+    """Return the delegated cgroup that contains the slots.
 
     By default that is the cgroup of broker-slots.service, a unit with
     Delegate=yes and only a placeholder process. The slots live apart from
@@ -275,7 +275,7 @@ class Daemon:
                 pass
 
     async def tick(self) -> None:
-        """One control period: reclaim, measure, predict, plan, apply.
+        """Run one control period: reclaim, measure, predict, plan, apply.
 
         The steps yield to the loop in between, so ring-buffer events that
         arrive during a tick wait for one step, not for the whole tick.

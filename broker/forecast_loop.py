@@ -7,7 +7,7 @@ only). Every `forecast.plan_interval` it fits the forecasts and plans the
 pools on a worker thread, away from the event loop, and the daemon hands the
 plans to the reconciler.
 
-A miss on the event path asks for one more slot at the next tick, up to the
+A miss on the event path requests one more slot at the next tick, up to the
 user's `max_slots`, until the next plan replaces the request.
 
 DemandHistory is not thread-safe, so while the worker reads it, new samples
@@ -50,7 +50,7 @@ MAX_SAMPLES_PER_USER = 4096
 
 
 class _BufferedHistory:
-    """The history as the collector sees it: records wait while a worker reads."""
+    """A DemandHistory front that buffers records while a worker reads the history."""
 
     def __init__(self, history: DemandHistory):
         self.history = history

@@ -6,9 +6,10 @@ Layout under the delegated root (broker-slots.service's cgroup under systemd):
     ROOT/users/uid-UID/TIER-N        one leaf per warm slot
 
 ROOT must not contain processes once controllers are enabled for its
-children, so prepare() moves whatever runs in ROOT into the holder leaf:
-the placeholder process of broker-slots.service, or the daemon itself when
-it runs in its own delegated scope (`broker run --cgroup-root self`).
+children, so prepare() moves whatever runs in ROOT into the holder leaf.
+That is the placeholder process of broker-slots.service, or the daemon
+itself when it runs in its own delegated scope (`broker run --cgroup-root
+self`).
 release_root() undoes this on a clean stop, so the unit can start again.
 
 Interior cgroups never hold processes, so controllers can be enabled on

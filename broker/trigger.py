@@ -135,7 +135,7 @@ class Trigger:
         kernel thread with EINVAL. After a successful write, /proc/PID/cgroup
         shows whether the process really is in the target: a zombie still
         shows its old cgroup, while a process that exited right after the move
-        shows the target (or is gone, and the next tick forgets it).
+        shows the target, or is gone and is dropped at the next check.
         """
         if outcome is MoveOutcome.MOVED:
             now_in = self.cg.cgroup_of(pid)
@@ -185,7 +185,7 @@ class Trigger:
         try:
             fd = os.pidfd_open(tgid)
         except ProcessLookupError:
-            return  # already gone: the next check_placements() forgets it
+            return  # already gone: check_placements() drops it
         except OSError as exc:
             log.debug(
                 "pidfd_open(%d) failed: %s; relying on periodic checks", tgid, exc
