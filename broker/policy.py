@@ -32,6 +32,7 @@ BUNDLED_DEFAULT = Path(__file__).parent / "policies" / "default.yaml"
 CPU_WEIGHT_RANGE = (1, 10000)
 IO_WEIGHT_RANGE = (1, 10000)
 CPU_MAX_DEFAULT_PERIOD_US = 100000
+MIN_FORECAST_SECONDS = 0.1  # shortest sampling, planning or horizon time
 
 # Plain scalars that YAML 1.1 turns into booleans.
 _YAML11_BOOLEANS = {"y", "yes", "n", "no", "on", "off", "true", "false"}
@@ -754,6 +755,14 @@ def _parse_forecast(reader: _Reader, node: yaml.Node) -> ForecastPolicy | None:
             values[key] = reader.converted(
                 items[key][1], f"{fld}.{key}", units.parse_duration
             )
+            if values[key] is not None and values[key] < MIN_FORECAST_SECONDS:
+                reader.problem(
+                    items[key][1],
+                    f"{fld}.{key}",
+                    f"{values[key]:g}s is too short",
+                    f"write at least {MIN_FORECAST_SECONDS:g}s",
+                )
+                values[key] = None
     if "quantile" in items:
         values["quantile"] = reader.number(
             items["quantile"][1], f"{fld}.quantile", 0.5, 0.999
@@ -806,6 +815,15 @@ def _parse_forecast(reader: _Reader, node: yaml.Node) -> ForecastPolicy | None:
     if any(v is None for v in values.values()):
         return None
     result = ForecastPolicy(**values)
+    if result.plan_interval < result.interval:
+        where = items.get("plan_interval", (node, node))[1]
+        reader.problem(
+            where,
+            f"{fld}.plan_interval",
+            f"{result.plan_interval:g}s is shorter than interval {result.interval:g}s",
+            "plan at most as often as demand is sampled",
+        )
+        return None
     if result.horizon_min > result.horizon_max:
         reader.problem(
             node,

@@ -187,3 +187,19 @@ def test_specific_match_wins():
     assert loaded._best_entry(1002, None, frozenset()).match.uid == 1002
     assert loaded._best_entry(1500, None, frozenset()).match.uid_range == (1000, 2999)
     assert loaded._best_entry(5000, None, frozenset({"devs"})).match.group == "devs"
+
+
+FORECAST = "forecast:\n  enabled: true\n"
+
+
+@pytest.mark.parametrize(
+    "key", ["interval", "plan_interval", "horizon_min", "service_time"]
+)
+def test_forecast_zero_duration_rejected(key):
+    (problem,) = problems_of(GOOD + FORECAST + f"  {key}: 0s\n")
+    assert f"forecast.{key}: 0s is too short" in problem
+
+
+def test_forecast_plan_faster_than_sampling():
+    (problem,) = problems_of(GOOD + FORECAST + "  interval: 10s\n  plan_interval: 5s\n")
+    assert "forecast.plan_interval: 5s is shorter than interval 10s" in problem
