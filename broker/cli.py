@@ -189,7 +189,11 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(problem, file=sys.stderr)
         print(f"policy check failed: {len(exc.problems)} problem(s)", file=sys.stderr)
         return 1
+    for line in policy_mod.advice(policy):
+        print(f"warning: {line}", file=sys.stderr)
     print(f"policy ok: {policy.summary()}")
+    print(f"files: {policy.source_names()}")
+    print(f"managed users on this host: {len(policy.managed_users())}")
     return 0
 
 

@@ -174,7 +174,13 @@ class Daemon:
                 log.error("policy: %s", problem)
             return 1
         self.policy_loaded_at = time.time()
-        log.info("policy loaded: %s", self.policy.summary())
+        log.info(
+            "policy loaded from %s: %s",
+            self.policy.source_names(),
+            self.policy.summary(),
+        )
+        for line in policy_mod.advice(self.policy):
+            log.warning("policy: %s", line)
         state_mod.ensure_dir(self.state_dir)
         try:
             self.start_kernel_side()

@@ -10,6 +10,7 @@ PolicyError, in the form `FILE:LINE: field: problem; fix`.
 
 from __future__ import annotations
 
+import dataclasses
 import grp
 import logging
 import os
@@ -32,6 +33,8 @@ BUNDLED_DEFAULT = Path(__file__).parent / "policies" / "default.yaml"
 CPU_WEIGHT_RANGE = (1, 10000)
 IO_WEIGHT_RANGE = (1, 10000)
 CPU_MAX_DEFAULT_PERIOD_US = 100000
+DEFAULT_IDLE_TIMEOUT = 30.0  # seconds, when no file sets a top-level idle_timeout
+UNSET_IDLE = -1.0  # placeholder while parsing: the entry has no idle_timeout
 MIN_FORECAST_SECONDS = 0.1  # shortest sampling, planning or horizon time
 
 # Plain scalars that YAML 1.1 turns into booleans.
@@ -225,6 +228,7 @@ class Policy:
         for user in self.users:
             if user.match.uid is not None:
                 accounts.setdefault(user.match.uid, (None, frozenset()))
+        accounts.pop(0, None)  # root's services are never moved into slots
         out = {}
         for uid, (name, group_names) in accounts.items():
             best = self._best_entry(uid, name, group_names)
@@ -243,6 +247,13 @@ class Policy:
                 best = entry
         return best
 
+    def source_names(self) -> str:
+        names = [
+            f"{s} (bundled default)" if Path(s) == BUNDLED_DEFAULT else s
+            for s in self.sources
+        ]
+        return ", ".join(names)
+
     def summary(self) -> str:
         slots = sum(n for u in self.users for _, n in u.pool)
         return (
@@ -251,6 +262,40 @@ class Policy:
             f"{slots} warm slot(s) per matched user set, "
             f"{len(self.interfaces)} shaped interface(s)"
         )
+
+
+def advice(policy: Policy) -> list[str]:
+    """Return warnings about a valid policy on this host, as FILE:LINE: lines.
+
+    A user or group name that matches no account, or an interface that does
+    not exist, is not an error (accounts and links may appear later) but is
+    often a typo that leaves nobody managed or shaped.
+    """
+    lines = []
+    for entry in policy.users:
+        match = entry.match
+        if match.name is not None and not _exists(pwd.getpwnam, match.name):
+            lines.append(
+                f"{entry.source}: name: no account named {match.name!r} on this host; check the spelling"
+            )
+        if match.group is not None and not _exists(grp.getgrnam, match.group):
+            lines.append(
+                f"{entry.source}: group: no group named {match.group!r} on this host; check the spelling"
+            )
+    for iface in policy.interfaces:
+        if not (Path("/sys/class/net") / iface.name).exists():
+            lines.append(
+                f"network.interfaces: no interface named {iface.name!r} on this host; the broker shapes it once it exists"
+            )
+    return lines
+
+
+def _exists(lookup: Any, name: str) -> bool:
+    try:
+        lookup(name)
+    except KeyError:
+        return False
+    return True
 
 
 def _account(uid: int) -> tuple[str | None, frozenset[str]]:
@@ -291,7 +336,12 @@ class _Reader:
     ) -> dict[str, tuple[yaml.Node, yaml.Node]] | None:
         """Return {key: (key node, value node)}, reporting duplicate keys."""
         if not isinstance(node, yaml.MappingNode):
-            self.problem(node, fld, "expected a mapping", "write `key: value` lines")
+            self.problem(
+                node,
+                fld or "(top level)",
+                "expected a mapping",
+                "write `key: value` lines",
+            )
             return None
         out: dict[str, tuple[yaml.Node, yaml.Node]] = {}
         for key_node, value_node in node.value:
@@ -334,6 +384,9 @@ class _Reader:
         scalar = self.scalar(node, fld)
         if scalar is None:
             return None
+        if scalar.tag == "tag:yaml.org,2002:null":
+            self.problem(node, fld, "is empty", "write a value")
+            return None
         if scalar.style is None and scalar.value.lower() in _YAML11_BOOLEANS:
             self.problem(
                 node,
@@ -356,8 +409,12 @@ class _Reader:
                 node,
                 fld,
                 f"{text} has a leading zero, which YAML 1.1 reads as octal",
-                f"write {int(text, 10)} without the leading zero, or 0o{text[1:]} "
-                f"if octal is meant",
+                f"write {int(text, 10)} without the leading zero"
+                + (
+                    f", or 0o{text[1:]} if octal is meant"
+                    if re.fullmatch(r"0[0-7]+", text)
+                    else ""
+                ),
             )
             return None
         if not re.fullmatch(r"-?\d+", text) or scalar.style is not None:
@@ -541,12 +598,16 @@ def _parse_uid_range(text: Any) -> tuple[int, int]:
     first, last = int(match.group(1)), int(match.group(2))
     if first > last:
         raise ValueError(f"uid range {text!r} is reversed; write the lower uid first")
+    if first == 0:
+        raise ValueError(
+            f"uid range {text!r} includes root; start it at 1 or above "
+            f"(root's processes are never moved)"
+        )
     return first, last
 
 
-def _parse_user(
-    reader: _Reader, index: int, node: yaml.Node, default_idle: float
-) -> UserPolicy | None:
+def _parse_user(reader: _Reader, index: int, node: yaml.Node) -> UserPolicy | None:
+    """Parse one users[] entry; without its own idle_timeout it gets UNSET_IDLE."""
     fld = f"users[{index}]"
     items = reader.mapping(node, fld)
     if items is None:
@@ -570,7 +631,7 @@ def _parse_user(
         name = reader.string(value_node, who)
         match = UserMatch(name=name) if name else None
     elif key == "uid":
-        uid = reader.integer(value_node, who, 0, 2**32 - 2)
+        uid = reader.integer(value_node, who, 1, 2**32 - 2)
         match = UserMatch(uid=uid) if uid is not None else None
     elif key == "uids":
         span = reader.converted(value_node, who, _parse_uid_range)
@@ -595,7 +656,7 @@ def _parse_user(
             )
             if count is not None:
                 pool.append((tier_name, count))
-    idle = default_idle
+    idle = UNSET_IDLE
     if "idle_timeout" in items:
         parsed = reader.converted(
             items["idle_timeout"][1],
@@ -857,6 +918,7 @@ class _FileParts:
     interfaces: list[tuple[InterfacePolicy, str]] = field(default_factory=list)
     forecast: tuple[ForecastPolicy, str] | None = None
     broken_tiers: set[str] = field(default_factory=set)
+    idle_timeout: tuple[float, str] | None = None  # top-level default and where
 
 
 def _compose(path: str, text: str, problems: list[PolicyProblem]) -> yaml.Node | None:
@@ -887,14 +949,12 @@ def _parse_file(path: str, text: str, problems: list[PolicyProblem]) -> _FilePar
     if items is None:
         return parts
     reader.unknown_keys(items, _TOP_KEYS, "")
-    default_idle = 30.0
     if "idle_timeout" in items:
-        default_idle = (
-            reader.converted(
-                items["idle_timeout"][1], "idle_timeout", units.parse_duration
-            )
-            or default_idle
+        idle = reader.converted(
+            items["idle_timeout"][1], "idle_timeout", units.parse_duration
         )
+        if idle is not None:
+            parts.idle_timeout = (idle, reader.where(items["idle_timeout"][0]))
     if "tiers" in items:
         for name, (key_node, tier_node) in (
             reader.mapping(items["tiers"][1], "tiers") or {}
@@ -915,7 +975,7 @@ def _parse_file(path: str, text: str, problems: list[PolicyProblem]) -> _FilePar
             )
         else:
             for index, user_node in enumerate(users_node.value):
-                user = _parse_user(reader, index, user_node, default_idle)
+                user = _parse_user(reader, index, user_node)
                 if user is not None:
                     parts.users.append(user)
     if "network" in items:
@@ -952,6 +1012,7 @@ def _merge(files: list[_FileParts], problems: list[PolicyProblem]) -> Policy:
     interfaces: dict[str, tuple[InterfacePolicy, str]] = {}
     forecast: tuple[ForecastPolicy, str] | None = None
     users: list[UserPolicy] = []
+    idle: tuple[float, str] | None = None
     for parts in files:
         for tier, where in parts.tiers:
             if tier.name in tiers:
@@ -990,7 +1051,26 @@ def _merge(files: list[_FileParts], problems: list[PolicyProblem]) -> Policy:
             else:
                 forecast = parts.forecast
         users.extend(parts.users)
+        if parts.idle_timeout is not None:
+            if idle is not None:
+                problems.append(
+                    _problem_at(
+                        parts.idle_timeout[1],
+                        "idle_timeout",
+                        f"default set twice (also at {idle[1]})",
+                        "keep one top-level idle_timeout; it applies to all files",
+                    )
+                )
+            else:
+                idle = parts.idle_timeout
 
+    default_idle = idle[0] if idle is not None else DEFAULT_IDLE_TIMEOUT
+    users = [
+        dataclasses.replace(u, idle_timeout=default_idle)
+        if u.idle_timeout == UNSET_IDLE
+        else u
+        for u in users
+    ]
     broken = set().union(*(p.broken_tiers for p in files)) if files else set()
     _check_references(tiers, broken, users, interfaces, problems)
     _name_users_of_tiers(users, problems)
@@ -1013,7 +1093,7 @@ def _name_users_of_tiers(
         tier_name = problem.field.split(".")[1]
         who = [u.match.describe() for u in users if tier_name in dict(u.pool)]
         if who:
-            problem.problem += f" (tier {tier_name} of {', '.join(who)})"
+            problem.problem += f" (tier {tier_name} is used by {', '.join(who)})"
 
 
 def _check_references(tiers, broken, users, interfaces, problems) -> None:
@@ -1073,11 +1153,30 @@ def load_texts(texts: list[tuple[str, str]]) -> Policy:
 
 
 def load(paths: Iterable[Path]) -> Policy:
-    """Load policy files and directories; with none, load the bundled default."""
+    """Load policy files and directories; with no paths, load the bundled default.
+
+    A directory given explicitly that holds no *.yaml or *.yml file is an
+    error, not a silent switch to the default.
+    """
+    targets = [Path(p) for p in paths]
     files: list[Path] = []
-    for target in paths:
-        files.extend(policy_files(Path(target)))
-    if not files:
+    empty: list[PolicyProblem] = []
+    for target in targets:
+        found = policy_files(target)
+        files.extend(found)
+        if not found:
+            empty.append(
+                PolicyProblem(
+                    str(target),
+                    1,
+                    "(directory)",
+                    "contains no *.yaml or *.yml policy file",
+                    "add a policy file, or name a file instead",
+                )
+            )
+    if empty:
+        raise PolicyError(empty)
+    if not targets:
         files = [BUNDLED_DEFAULT]
     texts: list[tuple[str, str]] = []
     problems: list[PolicyProblem] = []

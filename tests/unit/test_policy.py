@@ -203,3 +203,74 @@ def test_forecast_zero_duration_rejected(key):
 def test_forecast_plan_faster_than_sampling():
     (problem,) = problems_of(GOOD + FORECAST + "  interval: 10s\n  plan_interval: 5s\n")
     assert "forecast.plan_interval: 5s is shorter than interval 10s" in problem
+
+
+def test_zero_idle_timeout_is_kept():
+    loaded = policy.load_texts(
+        [("p.yaml", GOOD.replace("idle_timeout: 20s", "idle_timeout: 0s"))]
+    )
+    assert loaded.users[0].idle_timeout == 0.0
+
+
+def test_idle_timeout_applies_across_files():
+    users = "users:\n  - name: bob\n    pool: {light: 1}\n"
+    tiers = (
+        "idle_timeout: 20s\ntiers:\n  light:\n    cpu.weight: 100\n    memory.min: 0\n"
+    )
+    loaded = policy.load_texts([("00-global.yaml", tiers), ("10-users.yaml", users)])
+    assert loaded.users[0].idle_timeout == 20.0
+
+
+def test_idle_timeout_set_twice():
+    with pytest.raises(PolicyError) as caught:
+        policy.load_texts([("a.yaml", GOOD), ("b.yaml", "idle_timeout: 5s\n")])
+    (problem,) = caught.value.problems
+    assert str(problem).startswith(
+        "b.yaml:1: idle_timeout: default set twice (also at a.yaml:1)"
+    )
+
+
+def test_root_uid_rejected():
+    (problem,) = problems_of(GOOD.replace("uid: 1002", "uid: 0"))
+    assert "users[1].uid" in problem
+    assert "1..4294967294" in problem
+
+
+def test_uid_range_with_root_rejected():
+    (problem,) = problems_of(GOOD.replace("2000-2999", "0-2999"))
+    assert "includes root" in problem
+
+
+def test_non_octal_leading_zero_hint():
+    (problem,) = problems_of(GOOD.replace("uid: 1002", "uid: 08"))
+    assert "write 8 without the leading zero" in problem
+    assert "0o8" not in problem
+
+
+def test_null_user_name_rejected():
+    (problem,) = problems_of(GOOD.replace("name: alice", "name: ~"))
+    assert problem.startswith("p.yaml:13: users[0].name: is empty")
+
+
+def test_top_level_scalar_names_field():
+    (problem,) = problems_of("just text\n")
+    assert problem.startswith("p.yaml:1: (top level): expected a mapping")
+
+
+def test_explicit_empty_directory_is_an_error(tmp_path):
+    with pytest.raises(PolicyError) as caught:
+        policy.load([tmp_path])
+    assert "contains no *.yaml or *.yml policy file" in str(caught.value)
+
+
+def test_advice_names_unknown_account():
+    loaded = policy.load_texts(
+        [("p.yaml", GOOD.replace("name: alice", "name: no-such-user-x"))]
+    )
+    (line,) = [a for a in policy.advice(loaded) if "name:" in a]
+    assert line.startswith("p.yaml:13: name: no account named 'no-such-user-x'")
+
+
+def test_managed_users_never_include_root():
+    text = GOOD.replace("group: devs", "group: root")
+    assert 0 not in policy.load_texts([("p.yaml", text)]).managed_users()
