@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -44,8 +45,8 @@ GUEST_SCRIPT = f"""#!/bin/bash
 # -P keeps the project copy out of sys.path, so the installed broker is tested.
 cd "$BROKER_VM_PROJECT"
 exec /opt/broker/bin/python -P -m pytest -p no:cacheprovider -v -rA \\
-    --junitxml="$BROKER_VM_SHARE/junit.xml" {GUEST_TESTS}
-"""
+    --junitxml="$BROKER_VM_SHARE/junit.xml" {GUEST_TESTS} "$@"
+"""  # "$@" is replaced by the host's -k selection, if any
 
 _guest_log: Path | None = None
 _guest_timings: dict[str, float] = {}
@@ -165,7 +166,10 @@ def guest_run(
     base = tmp_path_factory.mktemp("vm")
     _guest_log = base / "guest-output.log"
     script = base / "run-guest-tests.sh"
-    script.write_text(GUEST_SCRIPT)
+    # The host's -k selects guest tests too, so one module does not boot all.
+    keyword = request.config.option.keyword
+    selection = f" -k {shlex.quote(keyword)}" if keyword else ""
+    script.write_text(GUEST_SCRIPT.replace(' "$@"', selection))
     announce(request.config, f"booting the test VM; guest output: {_guest_log}")
 
     rig = load_rig()

@@ -71,6 +71,7 @@ RIG_VERSION = 1
 PROJECT = Path(__file__).resolve().parents[2]
 DEFAULT_CACHE = Path("/var/cache/broker-vm")
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
+DEBIAN_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 HOST_SOURCES = (
     Path("/etc/apt/sources.list.d/debian.sources"),
     Path("/etc/apt/sources.list"),
@@ -490,7 +491,11 @@ def run_mmdebstrap(rootfs: Path, files: dict[str, dict[str, Path]]) -> None:
     command += upload_hooks("essential", files["essential"])
     command += upload_hooks("customize", files["customize"])
     command += [f"--customize-hook={hook}" for hook in CUSTOMIZE_COMMANDS]
-    command += [SUITE, str(rootfs), host_apt_sources()]
+    sources = host_apt_sources()
+    if sources == DEBIAN_MIRROR and DEBIAN_KEYRING.is_file():
+        # A non-Debian host (Ubuntu) does not trust Debian's archive keys.
+        command.append(f"--keyring={DEBIAN_KEYRING}")
+    command += [SUITE, str(rootfs), sources]
     run_command(command, "mmdebstrap", stdin=subprocess.DEVNULL)
 
 
