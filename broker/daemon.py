@@ -199,7 +199,8 @@ class Daemon:
         root = resolve_root(self.cg, self.options.cgroup_root)
         if not is_delegated(self.cg, root):
             log.warning(
-                "cgroup %s is not marked as delegated; run under broker.service with Delegate=yes",
+                "cgroup %s is not marked as delegated; keep the slots in "
+                "broker-slots.service (Delegate=yes) or a scope with Delegate=yes",
                 root,
             )
         self.reconciler = Reconciler(self.cg, root, dry_run=self.options.dry_run)
