@@ -247,9 +247,23 @@ def _busy_integral(times: np.ndarray, level: np.ndarray, at: np.ndarray) -> np.n
     return np.where(index >= 0, value, 0.0)
 
 
+def interval_count(trace: Trace, interval: float) -> int:
+    """Return the number of planning intervals that cover the trace and every arrival.
+
+    A CSV trace without --spread ends just after its last arrival. When that
+    arrival starts a whole number of intervals after the first, the rounding
+    tolerance of the length alone would leave it outside the last interval.
+    """
+    count = math.ceil(trace.length / interval - 1e-9)
+    for user in trace.users:
+        if user.start.size:
+            count = max(count, math.floor(float(user.start[-1]) / interval) + 1)
+    return max(count, 1)
+
+
 def measure_demand(trace: Trace, interval: float) -> Demand:
     """Return arrivals, peak, mean and variance of open connections per user and interval."""
-    count = math.ceil(trace.length / interval - 1e-9)
+    count = interval_count(trace, interval)
     bounds = np.arange(count + 1) * interval
     shape = (len(trace.users), count)
     arrivals, peak, busy = np.zeros(shape), np.zeros(shape), np.zeros(shape)
@@ -258,7 +272,7 @@ def measure_demand(trace: Trace, interval: float) -> Demand:
         index = np.minimum((user.start // interval).astype(int), count - 1)
         arrivals[row] = np.bincount(index, minlength=count)
         times, level = _events(user.start, user.end)
-        inside = times < trace.length
+        inside = times < bounds[-1]
         np.maximum.at(peak[row], (times[inside] // interval).astype(int), level[inside])
         peak[row] = np.maximum(peak[row], _level_before(times, level, bounds[:-1]))
         busy[row] = np.diff(_busy_integral(times, level, bounds)) / interval

@@ -31,6 +31,19 @@ def test_demand_counts():
     assert demand.busy[0, 1] == pytest.approx(5 / 60)
 
 
+def test_demand_whole_span(tmp_path):
+    # Rows every 60 s for 5 minutes: the last row starts the fifth interval,
+    # [240, 300), which must exist although the trace ends right after it.
+    path = tmp_path / "trace.csv"
+    rows = [f"{60 * m},{user},2" for m in range(5) for user in ("a", "b")]
+    path.write_text("timestamp,user,count\n" + "\n".join(rows) + "\n")
+    demand = replay.measure_demand(replay.load_csv(path), 60.0)
+    assert demand.shape == (2, 5)
+    assert demand.arrivals.tolist() == [[2] * 5, [2] * 5]
+    # Each row's two arrivals start together and hold 1 s: peak 2 each minute.
+    assert demand.peak.tolist() == [[2] * 5, [2] * 5]
+
+
 def test_demand_carry_over():
     # One arrival at 50 s holding 20 s is still open at the start of minute 2.
     demand = replay.measure_demand(make_trace([50], [20]), 60.0)
