@@ -116,8 +116,9 @@ def load_azure_functions(directory: Path, seed: int = 0, spread: float = 60.0) -
         )
     rng = np.random.default_rng(seed)
     parts: dict[str, tuple[list, list, list]] = {}
-    for row in rows:
-        counts = np.array([int(row[m]) for m in minutes])
+    where = directory / "invocations.csv"
+    for number, row in enumerate(rows, 2):
+        counts = np.array([_count(row[m], f"{where}:{number}", m) for m in minutes])
         minute = np.repeat(np.arange(counts.size), counts)
         start = (minute + rng.random(minute.size)) * spread
         service = max(durations.get(row["HashFunction"], 1.0), MIN_SERVICE_TIME)
@@ -141,39 +142,120 @@ def load_csv(
     """Load `timestamp,user[,count][,duration_s][,memory_mb]` rows (seconds as float).
 
     A row with a count stands for that many arrivals, placed at uniformly
-    random instants of [timestamp, timestamp + spread).
+    random instants of [timestamp, timestamp + spread). Raises TraceError
+    naming the file, line and field of the first invalid value.
     """
     rows = _read_csv(path)
-    if not rows or "timestamp" not in rows[0] or "user" not in rows[0]:
+    if not rows:
+        raise TraceError(
+            f"{path}: no rows; expected a header with at least timestamp,user "
+            "and one row per arrival time"
+        )
+    if "timestamp" not in rows[0] or "user" not in rows[0]:
         raise TraceError(f"{path}: expected a header with at least timestamp,user")
     rng = np.random.default_rng(seed)
     parts: dict[str, tuple[list, list, list]] = {}
     for number, row in enumerate(rows, 2):
-        try:
-            stamp = float(row["timestamp"])
-            count = int(row.get("count") or 1)
-            duration = float(row.get("duration_s") or service_time)
-            memory = float(row.get("memory_mb") or memory_mb)
-        except ValueError as exc:
-            raise TraceError(f"{path}:{number}: {exc}") from None
-        starts, services, memories = parts.setdefault(row["user"], ([], [], []))
+        user, stamp, count, duration, memory = _csv_row(
+            row, f"{path}:{number}", service_time, memory_mb
+        )
+        starts, services, memories = parts.setdefault(user, ([], [], []))
         starts.append(stamp + rng.random(count) * spread)
         services.append(np.full(count, max(duration, MIN_SERVICE_TIME)))
         memories.append(memory)
-    origin = (
-        min(float(np.min(s)) for s, _, _ in parts.values() for s in s if s.size)
-        if parts
-        else 0.0
+    users = [_user_from_parts(name, s, d, max(m)) for name, (s, d, m) in parts.items()]
+    return _shift_to_origin(users, spread, path)
+
+
+# A count above this in one row or one minute is taken for a typo: a million
+# arrivals already take tens of megabytes of replay arrays.
+MAX_ROW_ARRIVALS = 1_000_000
+
+
+def _csv_row(
+    row: dict[str, str], where: str, service_time: float, memory_mb: float
+) -> tuple[str, float, int, float, float]:
+    """Return user, timestamp, count, duration and memory of one CSV row."""
+    user = row.get("user")
+    if user is None:
+        raise TraceError(f"{where}: user: missing; give every row a user column")
+    stamp = _number(row.get("timestamp"), where, "timestamp", "seconds")
+    count = _count(row.get("count") or "1", where, "count")
+    duration = _size(row.get("duration_s"), where, "duration_s", "seconds")
+    memory = _size(row.get("memory_mb"), where, "memory_mb", "megabytes")
+    return (
+        user,
+        stamp,
+        count,
+        service_time if duration is None else duration,
+        memory_mb if memory is None else memory,
     )
-    users = []
-    for name, (s, d, m) in parts.items():
-        user = _user_from_parts(name, s, d, max(m))
+
+
+def _number(text: str | None, where: str, name: str, unit: str) -> float:
+    """Parse a field that must hold a finite number."""
+    if not text:
+        raise TraceError(f"{where}: {name}: missing; give {unit} as a number")
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise TraceError(f"{where}: {name}: {exc}; give {unit} as a number") from None
+    if not math.isfinite(value):
+        raise TraceError(
+            f"{where}: {name}: {text!r} is not a finite number; give {unit} as a "
+            "finite number"
+        )
+    return value
+
+
+def _size(text: str | None, where: str, name: str, unit: str) -> float | None:
+    """Parse an optional field of 0 or more; None when it is empty."""
+    if not text:
+        return None
+    value = _number(text, where, name, unit)
+    if value < 0:
+        raise TraceError(
+            f"{where}: {name}: {value:g} is negative; give 0 {unit} or more"
+        )
+    return value
+
+
+def _count(text: str, where: str, name: str) -> int:
+    """Parse a whole number of arrivals, from 0 to MAX_ROW_ARRIVALS."""
+    try:
+        count = int(text)
+    except ValueError as exc:
+        raise TraceError(
+            f"{where}: {name}: {exc}; give a whole number of arrivals"
+        ) from None
+    if count < 0:
+        raise TraceError(
+            f"{where}: {name}: {count} is negative; give 0 or more arrivals"
+        )
+    if count > MAX_ROW_ARRIVALS:
+        raise TraceError(
+            f"{where}: {name}: {count} arrivals in one row is more than "
+            f"{MAX_ROW_ARRIVALS}; check the column, or split the row"
+        )
+    return count
+
+
+def _shift_to_origin(users: list[UserArrivals], spread: float, path: Path) -> Trace:
+    """Return the trace with time 0 at the first arrival and its end after the last."""
+    first = [float(u.start[0]) for u in users if u.start.size]
+    last = [float(u.start[-1]) for u in users if u.start.size]
+    if not first:
+        raise TraceError(f"{path}: count: every row has 0 arrivals; nothing to replay")
+    origin = min(first)
+    if spread <= 0 and max(last) == origin:
+        raise TraceError(
+            f"{path}: timestamp: every arrival is at {origin:g} s, so the trace "
+            "has no duration; give rows at two or more times, or spread each "
+            "row's count over --spread seconds"
+        )
+    for user in users:
         user.start = user.start - origin
-        users.append(user)
-    length = max(
-        (float(u.start[-1]) for u in users if u.start.size), default=0.0
-    ) + max(spread, 1e-9)
-    return Trace(users, length, str(path))
+    return Trace(users, max(last) - origin + max(spread, 1e-9), str(path))
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -247,13 +329,35 @@ def _busy_integral(times: np.ndarray, level: np.ndarray, at: np.ndarray) -> np.n
     return np.where(index >= 0, value, 0.0)
 
 
+# Planning intervals a replay accepts. More is almost always a timestamp in
+# the wrong unit or a too short --interval. Every method keeps arrays of
+# users x intervals, and the gp method forecasts one interval after another,
+# at about 0.2 CPU-seconds per interval for the 428 users of the Azure sample.
+MAX_INTERVALS = 100_000
+
+
 def interval_count(trace: Trace, interval: float) -> int:
     """Return the number of planning intervals that cover the trace and every arrival.
 
     A CSV trace without --spread ends just after its last arrival. When that
     arrival starts a whole number of intervals after the first, the rounding
     tolerance of the length alone would leave it outside the last interval.
+    Raises TraceError for an interval that is not a positive number and for
+    more than MAX_INTERVALS intervals.
     """
+    if not (math.isfinite(interval) and interval > 0):
+        raise TraceError(f"--interval {interval:g}: give a positive number of seconds")
+    span = max(
+        [trace.length] + [float(u.start[-1]) for u in trace.users if u.start.size]
+    )
+    if span / interval > MAX_INTERVALS:
+        raise TraceError(
+            f"{trace.source}: timestamp: the trace spans {span:g} s, "
+            f"{span / interval:.4g} intervals of {interval:g} s, more than the "
+            f"{MAX_INTERVALS} a replay accepts; use --interval "
+            f"{math.ceil(span / MAX_INTERVALS):g} or more, or check that the "
+            "timestamps are in seconds"
+        )
     count = math.ceil(trace.length / interval - 1e-9)
     for user in trace.users:
         if user.start.size:
@@ -942,11 +1046,17 @@ def compare(
     trace: Trace, options: Options, progress: Progress | None = None
 ) -> Comparison:
     """Run every method on the trace; return the report and the prepared methods."""
+    if options.warmup < 1:
+        raise TraceError(
+            f"--warmup {options.warmup}: every method needs at least one interval "
+            "of history to plan from; use --warmup 1 or more"
+        )
     demand = measure_demand(trace, options.interval)
     if demand.shape[1] <= options.warmup:
         raise TraceError(
-            f"trace has {demand.shape[1]} intervals of {options.interval:g} s, "
-            f"not more than the warm-up of {options.warmup}; lower --warmup or --interval"
+            f"{trace.source}: the trace has {demand.shape[1]} interval(s) of "
+            f"{options.interval:g} s, not more than the warm-up of "
+            f"{options.warmup}; lower --warmup or --interval"
         )
     results: dict[str, object] = {}
     curves: dict[str, list[Score]] = {}
@@ -1202,13 +1312,39 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
+def _positive(text: str) -> float:
+    """Parse a finite number above 0 for argparse."""
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not above 0")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    """Parse a finite number of 0 or more for argparse."""
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "trace", type=Path, help="trace directory (Azure Functions layout) or CSV file"
     )
     parser.add_argument(
         "--interval",
-        type=float,
+        type=_positive,
         default=60.0,
         help="planning interval in seconds (default 60)",
     )
@@ -1255,19 +1391,19 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--half-life",
-        type=float,
+        type=_positive,
         default=60.0,
         help="decaying-histogram half-life in intervals (default 60)",
     )
     parser.add_argument(
         "--spread",
-        type=float,
+        type=_non_negative,
         default=None,
         help="seconds over which a row's count is spread (default 60 for Azure, 0 for CSV)",
     )
     parser.add_argument(
         "--service-time",
-        type=float,
+        type=_positive,
         default=1.0,
         help="service time in seconds for CSV rows without duration_s (default 1)",
     )
