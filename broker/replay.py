@@ -155,16 +155,19 @@ def load_csv(
         raise TraceError(f"{path}: expected a header with at least timestamp,user")
     rng = np.random.default_rng(seed)
     parts: dict[str, tuple[list, list, list]] = {}
+    stamps = []
     for number, row in enumerate(rows, 2):
         user, stamp, count, duration, memory = _csv_row(
             row, f"{path}:{number}", service_time, memory_mb
         )
+        if count:
+            stamps.append(stamp)
         starts, services, memories = parts.setdefault(user, ([], [], []))
         starts.append(stamp + rng.random(count) * spread)
         services.append(np.full(count, max(duration, MIN_SERVICE_TIME)))
         memories.append(memory)
     users = [_user_from_parts(name, s, d, max(m)) for name, (s, d, m) in parts.items()]
-    return _shift_to_origin(users, spread, path)
+    return _shift_to_origin(users, stamps, spread, path)
 
 
 # A count above this in one row or one minute is taken for a typo: a million
@@ -240,14 +243,20 @@ def _count(text: str, where: str, name: str) -> int:
     return count
 
 
-def _shift_to_origin(users: list[UserArrivals], spread: float, path: Path) -> Trace:
-    """Return the trace with time 0 at the first arrival and its end after the last."""
-    first = [float(u.start[0]) for u in users if u.start.size]
-    last = [float(u.start[-1]) for u in users if u.start.size]
-    if not first:
+def _shift_to_origin(
+    users: list[UserArrivals], stamps: list[float], spread: float, path: Path
+) -> Trace:
+    """Return the trace with time 0 at the first row with arrivals.
+
+    Planning intervals then start at that row's timestamp, so with rows every
+    minute and --spread 60 each interval holds one row's arrivals. The trace
+    ends `spread` seconds after the last row with arrivals, or just after that
+    row's arrivals without a spread.
+    """
+    if not stamps:
         raise TraceError(f"{path}: count: every row has 0 arrivals; nothing to replay")
-    origin = min(first)
-    if spread <= 0 and max(last) == origin:
+    origin, last = min(stamps), max(stamps)
+    if spread <= 0 and last == origin:
         raise TraceError(
             f"{path}: timestamp: every arrival is at {origin:g} s, so the trace "
             "has no duration; give rows at two or more times, or spread each "
@@ -255,7 +264,7 @@ def _shift_to_origin(users: list[UserArrivals], spread: float, path: Path) -> Tr
         )
     for user in users:
         user.start = user.start - origin
-    return Trace(users, max(last) - origin + max(spread, 1e-9), str(path))
+    return Trace(users, last - origin + max(spread, 1e-9), str(path))
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:

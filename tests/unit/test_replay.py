@@ -184,6 +184,18 @@ def test_load_csv(tmp_path):
     assert names["u1"].memory_mb == 64.0
 
 
+def test_load_csv_spread_aligned(tmp_path):
+    # Rows at 100 s and 160 s, each spread over 60 s: interval 1 holds the
+    # first row's 3 arrivals and interval 2 the second row's 2, whichever
+    # instants the spread draws.
+    path = tmp_path / "trace.csv"
+    path.write_text("timestamp,user,count\n100,u1,3\n160,u1,2\n")
+    trace = replay.load_csv(path, spread=60.0)
+    assert trace.length == 120.0
+    demand = replay.measure_demand(trace, 60.0)
+    assert demand.arrivals.tolist() == [[3, 2]]
+
+
 def test_load_csv_bad_row(tmp_path):
     path = tmp_path / "trace.csv"
     path.write_text("timestamp,user\nnoon,u1\n")
@@ -215,8 +227,8 @@ def test_load_csv_single_instant(tmp_path):
     path.write_text("timestamp,user,count\n0,u1,3\n")
     with pytest.raises(replay.TraceError, match="timestamp: every arrival is at 0 s"):
         replay.load_csv(path)
-    # Spread over a minute, the same row is a trace of at least 60 s.
-    assert replay.load_csv(path, spread=60.0).length >= 60.0
+    # Spread over a minute, the same row is a trace of 60 s.
+    assert replay.load_csv(path, spread=60.0).length == 60.0
 
 
 def test_load_csv_no_arrivals(tmp_path):
