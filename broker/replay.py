@@ -306,10 +306,17 @@ class Demand:
     peak: np.ndarray  # max open connections at any instant of the interval
     busy: np.ndarray  # mean open connections (busy slot-seconds / interval)
     spread: np.ndarray | None = None  # variance over time of open connections
+    names: tuple[str, ...] = ()  # user of each row, as the trace names them
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.arrivals.shape
+
+    def user_names(self) -> list[str]:
+        """Return each row's user name, or its row number where the trace gave none."""
+        if len(self.names) == self.shape[0]:
+            return list(self.names)
+        return [str(row) for row in range(self.shape[0])]
 
 
 def _events(start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -391,7 +398,8 @@ def measure_demand(trace: Trace, interval: float) -> Demand:
         busy[row] = np.diff(_busy_integral(times, level, bounds)) / interval
         square = np.diff(_busy_integral(times, level**2, bounds)) / interval
         spread[row] = np.maximum(square - busy[row] ** 2, 0.0)
-    return Demand(interval, arrivals, peak, busy, spread)
+    names = tuple(user.name for user in trace.users)
+    return Demand(interval, arrivals, peak, busy, spread, names)
 
 
 # --------------------------------------------------------------------------
@@ -663,7 +671,7 @@ class GaussianProcess(Method):
         self.pit = np.full((users, count, len(CALIBRATION_LEVELS)), np.nan)
         self.models = np.full((users, count), "", dtype=object)
         self.band = np.full((users, count, len(BAND_LEVELS)), np.nan)
-        keys = list(range(users))
+        keys = demand.user_names()
         start = max(1, warmup - self.settings.window)
         for k in range(start, count):
             first = max(0, k - self.settings.window)
@@ -755,7 +763,7 @@ class GaussianProcessValue(Method):
         busy = Predictor(self.settings, demand.interval, "busy")
         self.hits = np.zeros((users, count, sizes.size), dtype=np.float32)
         self.idle = np.zeros((users, count, sizes.size), dtype=np.float32)
-        keys = list(range(users))
+        keys = demand.user_names()
         start = max(1, warmup - self.settings.window)
         for k in range(start, count):
             first = max(0, k - self.settings.window)

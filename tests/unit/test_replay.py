@@ -394,3 +394,16 @@ def test_demand_spread():
     demand = replay.measure_demand(make_trace([1, 2, 70], [10, 10, 5]), 60.0)
     assert demand.spread is not None
     assert demand.spread[0, 0] == pytest.approx(38 / 60 - 1 / 9)
+
+
+def test_gp_anomaly_names_user(caplog):
+    # A user with one arrival a minute for 30 minutes, then 40 at once: the
+    # burst is far above any bound learnt from the quiet part, and the
+    # warning names the trace's user, not a row number.
+    starts = [60.0 * k + 30 for k in range(30)] + [1830.0 + 0.01 * i for i in range(40)]
+    user = UserArrivals("carol", np.array(starts), np.ones(len(starts)), 512.0)
+    trace = Trace([user], 1920.0)
+    demand = replay.measure_demand(trace, 60.0)
+    method = replay.GaussianProcess(replay.PredictorSettings(window=16))
+    method.prepare(demand, warmup=20)
+    assert "anomalous demand for user carol" in caplog.text
