@@ -39,12 +39,13 @@ Sizing rules, in order, each recorded in `UserPlan.derivation`:
    arrivals forecast and Little's law (`predictor.value_curves`). One price
    for all users puts slots where they bring the most hits, which suits a
    host-wide hit-rate goal. Quantile sizing suits a per-user goal.
-2. Slots are that number rounded up. The relative width of the 90% predictive
+2. Slots are that number rounded up. When they fit in the user's static
+   pool (the sum of its `pool` counts), every slot is of the lightest tier
+   the pool names. Otherwise the relative width of the 90% predictive
    interval decides the tier mix: at or below `uncertainty_narrow` every slot
-   is of the lightest tier the user's pool names, at or above
-   `uncertainty_wide` every slot is of the heaviest, linearly in between. A
-   user whose pool names a single tier gets one more slot instead when the
-   interval is wide.
+   is of the lightest tier, at or above `uncertainty_wide` every slot is of
+   the heaviest, linearly in between. A user whose pool names a single tier
+   gets one more slot instead when the interval is wide.
 3. Caps: a user gets at most `max_slots` slots. The plan notes the cap as an
    anomaly cap when the forecast flagged one. Then, over all users, the sum
    of memory.min is at most `memory_min_share` of host memory, and slots are
@@ -195,12 +196,32 @@ def _width(forecast: Forecast | None) -> float:
 
 
 def _tier_mix(
-    slots: int, tiers: list[Tier], width: float, settings: ForecastPolicy
+    slots: int,
+    tiers: list[Tier],
+    width: float,
+    settings: ForecastPolicy,
+    static: int,
 ) -> tuple[dict[str, int], str]:
-    """Split slots between the lightest and heaviest tier by the interval width."""
+    """Split slots between the lightest and heaviest tier by the interval width.
+
+    Slots that fit in the user's static pool are all of the lightest tier.
+    At small demand the relative width measures the Poisson noise of a count,
+    not the forecast's uncertainty: a known rate of 1 connection per step
+    already has q95 - q05 = 3. Without this rule every idle or sparse user got
+    heavy slots, or one slot more.
+    """
+    light, heavy = tiers[0], tiers[-1]
+    if slots <= static:
+        how = (
+            f"{slots} slot(s) within the static pool of {static}: all {light.name}, "
+            f"whatever the interval width {width:.2f}"
+        )
+        mix = {light.name: slots}
+        if heavy.name != light.name:
+            mix[heavy.name] = 0
+        return mix, how
     narrow, wide = settings.uncertainty_narrow, settings.uncertainty_wide
     share = float(np.clip((width - narrow) / max(wide - narrow, 1e-9), 0.0, 1.0))
-    light, heavy = tiers[0], tiers[-1]
     if light.name == heavy.name:
         extra = 1 if width >= wide and slots > 0 else 0
         how = f"one tier; interval width {width:.2f}" + (
@@ -287,7 +308,8 @@ def plan_user(
     if not tiers:
         tiers = list(policy.tiers[:1])
 
-    mix, mix_how = _tier_mix(slots, tiers, width, settings)
+    static = sum(count for _, count in user.pool)
+    mix, mix_how = _tier_mix(slots, tiers, width, settings, static)
     capped = []
     if sum(mix.values()) > user.max_slots:
         mix = _cap_mix(mix, user.max_slots)

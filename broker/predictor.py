@@ -844,7 +844,7 @@ class Predictor:
         self.anomaly_total += 1
         bound = (centre + self.settings.anomaly_sigma * spread) ** 2 - offset
         log.warning(
-            "anomalous demand for %s: %s %.1f above bound %.1f (z=%.1f, model %s)",
+            "anomalous demand for user %s: %s %.1f above bound %.1f (z=%.1f, model %s)",
             forecast.key,
             self.resource,
             actual,

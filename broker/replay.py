@@ -116,8 +116,9 @@ def load_azure_functions(directory: Path, seed: int = 0, spread: float = 60.0) -
         )
     rng = np.random.default_rng(seed)
     parts: dict[str, tuple[list, list, list]] = {}
-    for row in rows:
-        counts = np.array([int(row[m]) for m in minutes])
+    where = directory / "invocations.csv"
+    for number, row in enumerate(rows, 2):
+        counts = np.array([_count(row[m], f"{where}:{number}", m) for m in minutes])
         minute = np.repeat(np.arange(counts.size), counts)
         start = (minute + rng.random(minute.size)) * spread
         service = max(durations.get(row["HashFunction"], 1.0), MIN_SERVICE_TIME)
@@ -141,39 +142,129 @@ def load_csv(
     """Load `timestamp,user[,count][,duration_s][,memory_mb]` rows (seconds as float).
 
     A row with a count stands for that many arrivals, placed at uniformly
-    random instants of [timestamp, timestamp + spread).
+    random instants of [timestamp, timestamp + spread). Raises TraceError
+    naming the file, line and field of the first invalid value.
     """
     rows = _read_csv(path)
-    if not rows or "timestamp" not in rows[0] or "user" not in rows[0]:
+    if not rows:
+        raise TraceError(
+            f"{path}: no rows; expected a header with at least timestamp,user "
+            "and one row per arrival time"
+        )
+    if "timestamp" not in rows[0] or "user" not in rows[0]:
         raise TraceError(f"{path}: expected a header with at least timestamp,user")
     rng = np.random.default_rng(seed)
     parts: dict[str, tuple[list, list, list]] = {}
+    stamps = []
     for number, row in enumerate(rows, 2):
-        try:
-            stamp = float(row["timestamp"])
-            count = int(row.get("count") or 1)
-            duration = float(row.get("duration_s") or service_time)
-            memory = float(row.get("memory_mb") or memory_mb)
-        except ValueError as exc:
-            raise TraceError(f"{path}:{number}: {exc}") from None
-        starts, services, memories = parts.setdefault(row["user"], ([], [], []))
+        user, stamp, count, duration, memory = _csv_row(
+            row, f"{path}:{number}", service_time, memory_mb
+        )
+        if count:
+            stamps.append(stamp)
+        starts, services, memories = parts.setdefault(user, ([], [], []))
         starts.append(stamp + rng.random(count) * spread)
         services.append(np.full(count, max(duration, MIN_SERVICE_TIME)))
         memories.append(memory)
-    origin = (
-        min(float(np.min(s)) for s, _, _ in parts.values() for s in s if s.size)
-        if parts
-        else 0.0
+    users = [_user_from_parts(name, s, d, max(m)) for name, (s, d, m) in parts.items()]
+    return _shift_to_origin(users, stamps, spread, path)
+
+
+# A count above this in one row or one minute is taken for a typo: a million
+# arrivals already take tens of megabytes of replay arrays.
+MAX_ROW_ARRIVALS = 1_000_000
+
+
+def _csv_row(
+    row: dict[str, str], where: str, service_time: float, memory_mb: float
+) -> tuple[str, float, int, float, float]:
+    """Return user, timestamp, count, duration and memory of one CSV row."""
+    user = row.get("user")
+    if user is None:
+        raise TraceError(f"{where}: user: missing; give every row a user column")
+    stamp = _number(row.get("timestamp"), where, "timestamp", "seconds")
+    count = _count(row.get("count") or "1", where, "count")
+    duration = _size(row.get("duration_s"), where, "duration_s", "seconds")
+    memory = _size(row.get("memory_mb"), where, "memory_mb", "megabytes")
+    return (
+        user,
+        stamp,
+        count,
+        service_time if duration is None else duration,
+        memory_mb if memory is None else memory,
     )
-    users = []
-    for name, (s, d, m) in parts.items():
-        user = _user_from_parts(name, s, d, max(m))
+
+
+def _number(text: str | None, where: str, name: str, unit: str) -> float:
+    """Parse a field that must hold a finite number."""
+    if not text:
+        raise TraceError(f"{where}: {name}: missing; give {unit} as a number")
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise TraceError(f"{where}: {name}: {exc}; give {unit} as a number") from None
+    if not math.isfinite(value):
+        raise TraceError(
+            f"{where}: {name}: {text!r} is not a finite number; give {unit} as a "
+            "finite number"
+        )
+    return value
+
+
+def _size(text: str | None, where: str, name: str, unit: str) -> float | None:
+    """Parse an optional field of 0 or more; None when it is empty."""
+    if not text:
+        return None
+    value = _number(text, where, name, unit)
+    if value < 0:
+        raise TraceError(
+            f"{where}: {name}: {value:g} is negative; give 0 {unit} or more"
+        )
+    return value
+
+
+def _count(text: str, where: str, name: str) -> int:
+    """Parse a whole number of arrivals, from 0 to MAX_ROW_ARRIVALS."""
+    try:
+        count = int(text)
+    except ValueError as exc:
+        raise TraceError(
+            f"{where}: {name}: {exc}; give a whole number of arrivals"
+        ) from None
+    if count < 0:
+        raise TraceError(
+            f"{where}: {name}: {count} is negative; give 0 or more arrivals"
+        )
+    if count > MAX_ROW_ARRIVALS:
+        raise TraceError(
+            f"{where}: {name}: {count} arrivals in one row is more than "
+            f"{MAX_ROW_ARRIVALS}; check the column, or split the row"
+        )
+    return count
+
+
+def _shift_to_origin(
+    users: list[UserArrivals], stamps: list[float], spread: float, path: Path
+) -> Trace:
+    """Return the trace with time 0 at the first row with arrivals.
+
+    Planning intervals then start at that row's timestamp, so with rows every
+    minute and --spread 60 each interval holds one row's arrivals. The trace
+    ends `spread` seconds after the last row with arrivals, or just after that
+    row's arrivals without a spread.
+    """
+    if not stamps:
+        raise TraceError(f"{path}: count: every row has 0 arrivals; nothing to replay")
+    origin, last = min(stamps), max(stamps)
+    if spread <= 0 and last == origin:
+        raise TraceError(
+            f"{path}: timestamp: every arrival is at {origin:g} s, so the trace "
+            "has no duration; give rows at two or more times, or spread each "
+            "row's count over --spread seconds"
+        )
+    for user in users:
         user.start = user.start - origin
-        users.append(user)
-    length = max(
-        (float(u.start[-1]) for u in users if u.start.size), default=0.0
-    ) + max(spread, 1e-9)
-    return Trace(users, length, str(path))
+    return Trace(users, last - origin + max(spread, 1e-9), str(path))
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -215,10 +306,17 @@ class Demand:
     peak: np.ndarray  # max open connections at any instant of the interval
     busy: np.ndarray  # mean open connections (busy slot-seconds / interval)
     spread: np.ndarray | None = None  # variance over time of open connections
+    names: tuple[str, ...] = ()  # user of each row, as the trace names them
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.arrivals.shape
+
+    def user_names(self) -> list[str]:
+        """Return each row's user name, or its row number where the trace gave none."""
+        if len(self.names) == self.shape[0]:
+            return list(self.names)
+        return [str(row) for row in range(self.shape[0])]
 
 
 def _events(start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -247,9 +345,45 @@ def _busy_integral(times: np.ndarray, level: np.ndarray, at: np.ndarray) -> np.n
     return np.where(index >= 0, value, 0.0)
 
 
+# Planning intervals a replay accepts. More is almost always a timestamp in
+# the wrong unit or a too short --interval. Every method keeps arrays of
+# users x intervals, and the gp method forecasts one interval after another,
+# at about 0.2 CPU-seconds per interval for the 428 users of the Azure sample.
+MAX_INTERVALS = 100_000
+
+
+def interval_count(trace: Trace, interval: float) -> int:
+    """Return the number of planning intervals that cover the trace and every arrival.
+
+    A CSV trace without --spread ends just after its last arrival. When that
+    arrival starts a whole number of intervals after the first, the rounding
+    tolerance of the length alone would leave it outside the last interval.
+    Raises TraceError for an interval that is not a positive number and for
+    more than MAX_INTERVALS intervals.
+    """
+    if not (math.isfinite(interval) and interval > 0):
+        raise TraceError(f"--interval {interval:g}: give a positive number of seconds")
+    span = max(
+        [trace.length] + [float(u.start[-1]) for u in trace.users if u.start.size]
+    )
+    if span / interval > MAX_INTERVALS:
+        raise TraceError(
+            f"{trace.source}: timestamp: the trace spans {span:g} s, "
+            f"{span / interval:.4g} intervals of {interval:g} s, more than the "
+            f"{MAX_INTERVALS} a replay accepts; use --interval "
+            f"{math.ceil(span / MAX_INTERVALS):g} or more, or check that the "
+            "timestamps are in seconds"
+        )
+    count = math.ceil(trace.length / interval - 1e-9)
+    for user in trace.users:
+        if user.start.size:
+            count = max(count, math.floor(float(user.start[-1]) / interval) + 1)
+    return max(count, 1)
+
+
 def measure_demand(trace: Trace, interval: float) -> Demand:
     """Return arrivals, peak, mean and variance of open connections per user and interval."""
-    count = math.ceil(trace.length / interval - 1e-9)
+    count = interval_count(trace, interval)
     bounds = np.arange(count + 1) * interval
     shape = (len(trace.users), count)
     arrivals, peak, busy = np.zeros(shape), np.zeros(shape), np.zeros(shape)
@@ -258,13 +392,14 @@ def measure_demand(trace: Trace, interval: float) -> Demand:
         index = np.minimum((user.start // interval).astype(int), count - 1)
         arrivals[row] = np.bincount(index, minlength=count)
         times, level = _events(user.start, user.end)
-        inside = times < trace.length
+        inside = times < bounds[-1]
         np.maximum.at(peak[row], (times[inside] // interval).astype(int), level[inside])
         peak[row] = np.maximum(peak[row], _level_before(times, level, bounds[:-1]))
         busy[row] = np.diff(_busy_integral(times, level, bounds)) / interval
         square = np.diff(_busy_integral(times, level**2, bounds)) / interval
         spread[row] = np.maximum(square - busy[row] ** 2, 0.0)
-    return Demand(interval, arrivals, peak, busy, spread)
+    names = tuple(user.name for user in trace.users)
+    return Demand(interval, arrivals, peak, busy, spread, names)
 
 
 # --------------------------------------------------------------------------
@@ -536,7 +671,7 @@ class GaussianProcess(Method):
         self.pit = np.full((users, count, len(CALIBRATION_LEVELS)), np.nan)
         self.models = np.full((users, count), "", dtype=object)
         self.band = np.full((users, count, len(BAND_LEVELS)), np.nan)
-        keys = list(range(users))
+        keys = demand.user_names()
         start = max(1, warmup - self.settings.window)
         for k in range(start, count):
             first = max(0, k - self.settings.window)
@@ -628,7 +763,7 @@ class GaussianProcessValue(Method):
         busy = Predictor(self.settings, demand.interval, "busy")
         self.hits = np.zeros((users, count, sizes.size), dtype=np.float32)
         self.idle = np.zeros((users, count, sizes.size), dtype=np.float32)
-        keys = list(range(users))
+        keys = demand.user_names()
         start = max(1, warmup - self.settings.window)
         for k in range(start, count):
             first = max(0, k - self.settings.window)
@@ -928,11 +1063,17 @@ def compare(
     trace: Trace, options: Options, progress: Progress | None = None
 ) -> Comparison:
     """Run every method on the trace; return the report and the prepared methods."""
+    if options.warmup < 1:
+        raise TraceError(
+            f"--warmup {options.warmup}: every method needs at least one interval "
+            "of history to plan from; use --warmup 1 or more"
+        )
     demand = measure_demand(trace, options.interval)
     if demand.shape[1] <= options.warmup:
         raise TraceError(
-            f"trace has {demand.shape[1]} intervals of {options.interval:g} s, "
-            f"not more than the warm-up of {options.warmup}; lower --warmup or --interval"
+            f"{trace.source}: the trace has {demand.shape[1]} interval(s) of "
+            f"{options.interval:g} s, not more than the warm-up of "
+            f"{options.warmup}; lower --warmup or --interval"
         )
     results: dict[str, object] = {}
     curves: dict[str, list[Score]] = {}
@@ -1188,13 +1329,39 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
+def _positive(text: str) -> float:
+    """Parse a finite number above 0 for argparse."""
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not above 0")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    """Parse a finite number of 0 or more for argparse."""
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "trace", type=Path, help="trace directory (Azure Functions layout) or CSV file"
     )
     parser.add_argument(
         "--interval",
-        type=float,
+        type=_positive,
         default=60.0,
         help="planning interval in seconds (default 60)",
     )
@@ -1241,19 +1408,19 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--half-life",
-        type=float,
+        type=_positive,
         default=60.0,
         help="decaying-histogram half-life in intervals (default 60)",
     )
     parser.add_argument(
         "--spread",
-        type=float,
+        type=_non_negative,
         default=None,
         help="seconds over which a row's count is spread (default 60 for Azure, 0 for CSV)",
     )
     parser.add_argument(
         "--service-time",
-        type=float,
+        type=_positive,
         default=1.0,
         help="service time in seconds for CSV rows without duration_s (default 1)",
     )

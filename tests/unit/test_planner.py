@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from broker import planner, policy
-from broker.predictor import Forecast
+from broker.demand import DemandHistory, DemandSample
+from broker.predictor import Forecast, Forecaster
 
 POLICY = """
 tiers:
@@ -242,3 +244,62 @@ def test_dispersion_more_slots(setup):
     first = planner.plan(loaded, {5002: plain, 5001: bursty}, 64 << 30, users)
     # Same arrivals; bursts (variance 4x the mean) need more slots for q = 0.9.
     assert first[5001].needed > first[5002].needed
+
+
+DEFAULT_POLICY = Path(__file__).parents[2] / "policies" / "default.yaml"
+
+
+def plans_over_time(demand, seconds: int) -> dict[int, list[planner.UserPlan]]:
+    """Plan every 10 s under the bundled default policy, as the daemon does.
+
+    demand: uid -> function of the second returning open connections, which
+    are also the arrivals of that second.
+    """
+    loaded = policy.load_texts([(str(DEFAULT_POLICY), DEFAULT_POLICY.read_text())])
+    users = {uid: loaded.user_policy_for(uid) for uid in demand}
+    forecaster = Forecaster(loaded.forecast)
+    history = DemandHistory(capacity=4096)
+    plans: dict[int, list[planner.UserPlan]] = {uid: [] for uid in demand}
+    for second in range(1, seconds + 1):
+        for uid, count in demand.items():
+            value = float(count(second))
+            history.record(uid, DemandSample(second, value, value))
+        if second % 10:
+            continue
+        forecasts = forecaster.forecast_users(history, list(users), second)
+        planned = planner.plan(loaded, forecasts, 2 << 30, users)
+        for uid, user_plan in planned.items():
+            plans[uid].append(user_plan)
+    return plans
+
+
+def test_idle_users_static_light():
+    rng = np.random.default_rng(3)
+    demand = {
+        1001: lambda second: 0,
+        # Three connections together once a minute, as a browser opens them.
+        1002: lambda second: 3 if second % 60 == 7 else 0,
+        # About one connection every 3 s.
+        1003: lambda second: rng.poisson(0.3),
+        # One connection every 5 minutes: the sparse model.
+        1004: lambda second: 1 if second % 300 == 150 else 0,
+    }
+    plans = plans_over_time(demand, 400)
+    # The default pool is light 2, heavy 1: 3 slots.
+    for uid, series in plans.items():
+        assert max(p.total_slots() for p in series) <= 3, uid
+        assert max(p.slots()["heavy"] for p in series) == 0, uid
+
+
+def test_busy_volatile_user_heavy():
+    rng = np.random.default_rng(4)
+    # Bursts of 5 to 40 connections in a third of the seconds, else 0 to 2.
+    demand = {
+        1001: lambda second: (
+            rng.integers(5, 41) if rng.random() < 0.3 else rng.integers(0, 3)
+        )
+    }
+    last = plans_over_time(demand, 400)[1001][-1]
+    assert last.interval_width >= 0.5
+    assert last.total_slots() > 3
+    assert last.slots()["heavy"] > 0

@@ -31,6 +31,19 @@ def test_demand_counts():
     assert demand.busy[0, 1] == pytest.approx(5 / 60)
 
 
+def test_demand_whole_span(tmp_path):
+    # Rows every 60 s for 5 minutes: the last row starts the fifth interval,
+    # [240, 300), which must exist although the trace ends right after it.
+    path = tmp_path / "trace.csv"
+    rows = [f"{60 * m},{user},2" for m in range(5) for user in ("a", "b")]
+    path.write_text("timestamp,user,count\n" + "\n".join(rows) + "\n")
+    demand = replay.measure_demand(replay.load_csv(path), 60.0)
+    assert demand.shape == (2, 5)
+    assert demand.arrivals.tolist() == [[2] * 5, [2] * 5]
+    # Each row's two arrivals start together and hold 1 s: peak 2 each minute.
+    assert demand.peak.tolist() == [[2] * 5, [2] * 5]
+
+
 def test_demand_carry_over():
     # One arrival at 50 s holding 20 s is still open at the start of minute 2.
     demand = replay.measure_demand(make_trace([50], [20]), 60.0)
@@ -171,11 +184,86 @@ def test_load_csv(tmp_path):
     assert names["u1"].memory_mb == 64.0
 
 
+def test_load_csv_spread_aligned(tmp_path):
+    # Rows at 100 s and 160 s, each spread over 60 s: interval 1 holds the
+    # first row's 3 arrivals and interval 2 the second row's 2, whichever
+    # instants the spread draws.
+    path = tmp_path / "trace.csv"
+    path.write_text("timestamp,user,count\n100,u1,3\n160,u1,2\n")
+    trace = replay.load_csv(path, spread=60.0)
+    assert trace.length == 120.0
+    demand = replay.measure_demand(trace, 60.0)
+    assert demand.arrivals.tolist() == [[3, 2]]
+
+
 def test_load_csv_bad_row(tmp_path):
     path = tmp_path / "trace.csv"
     path.write_text("timestamp,user\nnoon,u1\n")
     with pytest.raises(replay.TraceError, match=":2:"):
         replay.load_csv(path)
+
+
+@pytest.mark.parametrize(
+    "rows, expected",
+    [
+        ("0,u1,-3\n60,u1,2\n", r":2: count: -3 is negative; give 0 or more"),
+        ("0,u1,1\nnan,u1,2\n", r":3: timestamp: 'nan' is not a finite number"),
+        ("0,u1,1\ninf,u1,2\n", r":3: timestamp: 'inf' is not a finite number"),
+        ("0,u1,1\n60,u1,x\n", r":3: count: invalid literal for int\(\)"),
+        ("0,u1,1\n60,u1,2000000\n", r":3: count: 2000000 arrivals in one row"),
+        ("0,u1,1,-1\n", r":2: duration_s: -1 is negative"),
+        ("0,u1\n60\n", r":3: user: missing"),
+    ],
+)
+def test_load_csv_invalid_field(tmp_path, rows, expected):
+    path = tmp_path / "trace.csv"
+    path.write_text("timestamp,user,count,duration_s\n" + rows)
+    with pytest.raises(replay.TraceError, match=expected):
+        replay.load_csv(path)
+
+
+def test_load_csv_single_instant(tmp_path):
+    path = tmp_path / "trace.csv"
+    path.write_text("timestamp,user,count\n0,u1,3\n")
+    with pytest.raises(replay.TraceError, match="timestamp: every arrival is at 0 s"):
+        replay.load_csv(path)
+    # Spread over a minute, the same row is a trace of 60 s.
+    assert replay.load_csv(path, spread=60.0).length == 60.0
+
+
+def test_load_csv_no_arrivals(tmp_path):
+    path = tmp_path / "trace.csv"
+    path.write_text("timestamp,user,count\n0,u1,0\n60,u1,0\n")
+    with pytest.raises(replay.TraceError, match="every row has 0 arrivals"):
+        replay.load_csv(path)
+
+
+def test_demand_span_bounded():
+    trace = make_trace([0.0, 1e12], [1.0, 1.0], length=1e12 + 1)
+    trace.source = "big.csv"
+    # 1e12 s at 60 s per interval is 1.7e10 intervals; 1e12 / 100000 = 1e7 s.
+    with pytest.raises(
+        replay.TraceError,
+        match=r"big.csv: timestamp: the trace spans 1e\+12 s, 1.667e\+10 "
+        r"intervals of 60 s.*--interval 1e\+07 or more",
+    ):
+        replay.measure_demand(trace, 60.0)
+
+
+def test_compare_warmup_zero():
+    trace = make_trace([1, 70, 130], [1, 1, 1], length=180.0)
+    options = replay.Options(warmup=0, methods=("static",))
+    with pytest.raises(replay.TraceError, match="--warmup 0: .* use --warmup 1"):
+        replay.compare(trace, options)
+
+
+def test_run_invalid_trace_exit(tmp_path, capsys):
+    path = tmp_path / "trace.csv"
+    path.write_text("timestamp,user,count\n0,u1,-1\n")
+    parser = replay.argparse.ArgumentParser()
+    replay._add_arguments(parser)
+    assert replay.run(parser.parse_args([str(path)])) == 1
+    assert f"{path}:2: count:" in capsys.readouterr().err
 
 
 def test_load_azure(tmp_path):
@@ -200,6 +288,17 @@ def test_load_azure(tmp_path):
     # 1500 ms; 0 ms becomes the 1 ms floor. Memory: the larger function's.
     assert sorted(user.duration.tolist()) == [0.001, 1.5, 1.5]
     assert user.memory_mb == 100.0
+
+
+def test_load_azure_negative_count(tmp_path):
+    (tmp_path / "invocations.csv").write_text(
+        "HashOwner,HashApp,HashFunction,Trigger,480,481\no1,a1,f1,http,2,-1\n"
+    )
+    (tmp_path / "durations.csv").write_text(
+        "HashOwner,HashApp,HashFunction,Average\no1,a1,f1,1500\n"
+    )
+    with pytest.raises(replay.TraceError, match=r"invocations.csv:2: 481: -1 is"):
+        replay.load_azure_functions(tmp_path)
 
 
 def test_unknown_method():
@@ -295,3 +394,16 @@ def test_demand_spread():
     demand = replay.measure_demand(make_trace([1, 2, 70], [10, 10, 5]), 60.0)
     assert demand.spread is not None
     assert demand.spread[0, 0] == pytest.approx(38 / 60 - 1 / 9)
+
+
+def test_gp_anomaly_names_user(caplog):
+    # A user with one arrival a minute for 30 minutes, then 40 at once: the
+    # burst is far above any bound learnt from the quiet part, and the
+    # warning names the trace's user, not a row number.
+    starts = [60.0 * k + 30 for k in range(30)] + [1830.0 + 0.01 * i for i in range(40)]
+    user = UserArrivals("carol", np.array(starts), np.ones(len(starts)), 512.0)
+    trace = Trace([user], 1920.0)
+    demand = replay.measure_demand(trace, 60.0)
+    method = replay.GaussianProcess(replay.PredictorSettings(window=16))
+    method.prepare(demand, warmup=20)
+    assert "anomalous demand for user carol" in caplog.text
