@@ -164,6 +164,9 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     explain.add_argument("--json", action="store_true", help="print as JSON")
     explain.add_argument("--state-dir", metavar="DIR", help="default /run/broker")
     _add_replay(sub, argv)
+    for command in sub.choices.values():
+        # An unknown option after a command is reported with that command's usage.
+        command.set_defaults(command_parser=command)
     return parser
 
 
@@ -191,9 +194,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         return 1
     for line in policy_mod.advice(policy):
         print(f"warning: {line}", file=sys.stderr)
-    print(f"policy ok: {policy.summary()}")
-    print(f"files: {policy.source_names()}")
-    print(f"managed users on this host: {len(policy.managed_users())}")
+    managed = len(policy.managed_users())
+    print(
+        f"policy ok: {policy.summary()}; {managed} managed user(s) on this host; "
+        f"files: {policy.source_names()}"
+    )
     return 0
 
 
@@ -326,7 +331,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # Options before the command belong to the top level, after it to the command.
+        before = list(argv).index(args.command)
+        owner = parser if unknown[0] in argv[:before] else args.command_parser
+        owner.error(f"unrecognized arguments: {' '.join(unknown)}")
     setup_logging(args.verbose)
     handler = COMMANDS.get(args.command)
     if handler is None:
