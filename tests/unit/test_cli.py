@@ -8,7 +8,7 @@ import pytest
 
 from broker import cli
 
-GOOD = """\
+VALID_POLICY = """\
 tiers:
   small:
     cpu.weight: 100
@@ -19,7 +19,7 @@ users:
 """
 
 
-def test_unknown_option_after_command_names_command(capsys):
+def test_unknown_option_after_command(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["status", "--bogus"])
     assert exit_info.value.code == 2
@@ -27,25 +27,25 @@ def test_unknown_option_after_command_names_command(capsys):
     assert "usage: broker status" in err
 
 
-def test_unknown_option_before_command_names_top_level(capsys):
+def test_unknown_option_before_command(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--bogus", "status"])
     err = capsys.readouterr().err
     assert err.startswith("usage: broker [-h]")
 
 
-def test_check_good_policy_one_line(tmp_path: Path, capsys):
+def test_check_valid_one_line(tmp_path: Path, capsys):
     path = tmp_path / "a.yaml"
-    path.write_text(GOOD)
+    path.write_text(VALID_POLICY)
     assert cli.main(["check", str(path)]) == 0
-    out = capsys.readouterr().out
-    assert out.count("\n") == 1
-    assert out.startswith("policy ok: 1 file(s), 1 tier(s)")
+    stdout = capsys.readouterr().out
+    assert stdout.count("\n") == 1
+    assert stdout.startswith("policy ok: 1 file(s), 1 tier(s)")
 
 
-def test_check_bad_policy_names_line(tmp_path: Path, capsys):
+def test_check_invalid_names_line(tmp_path: Path, capsys):
     path = tmp_path / "a.yaml"
-    path.write_text(GOOD.replace("cpu.weight: 100", "cpu.weight: 0"))
+    path.write_text(VALID_POLICY.replace("cpu.weight: 100", "cpu.weight: 0"))
     assert cli.main(["check", str(path)]) == 1
     err = capsys.readouterr().err
     assert f"{path}:3: " in err
