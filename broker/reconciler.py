@@ -266,9 +266,21 @@ class Reconciler:
     def release(self, slot: Slot) -> None:
         """Mark a slot free after its process left; remove it if it was retiring."""
         slot.tgid = None
-        if slot.retiring:
-            slots = self.pools.slots.get(slot.uid, [])
-            self._retire(slot, slots, {"created": 0, "removed": 0, "retiring": 0})
+        if not slot.retiring:
+            return
+        slots = self.pools.slots.get(slot.uid, [])
+        self._retire(slot, slots, {"created": 0, "removed": 0, "retiring": 0})
+        user_path = join(self.users_dir, f"uid-{slot.uid}")
+        if slots:
+            self._write_sums(user_path, [s.path for s in slots])
+        else:
+            # The user's last slot is gone, so its directory goes too, as in apply.
+            self.pools.slots.pop(slot.uid, None)
+            if not self.dry_run and self.cg.exists(user_path):
+                self.cg.rmdir(user_path)
+        self._write_sums(
+            self.users_dir, [join(self.users_dir, f"uid-{u}") for u in self.pools.slots]
+        )
 
     def _write_sums(self, parent: str, children: list[str]) -> None:
         """Set the parent's memory.min and memory.low to the sum of its children's."""

@@ -135,6 +135,28 @@ def test_removed_user_loses_directory(reconciler):
     assert reconciler.cg.children("/broker/users") == ["uid-1002"]
 
 
+def test_release_updates_parent_sums(reconciler):
+    reconciler.apply({1001: {"light": 1, "heavy": 1}}, TIERS)
+    busy = reconciler.pools.by_path("/broker/users/uid-1001/heavy-0")
+    busy.tgid = 4242
+    reconciler.apply({1001: {"light": 1}}, TIERS)
+    reconciler.release(busy)
+    # Only light-0 (1 MiB) is left, in the user and in the sum over users.
+    assert reconciler.cg.read("/broker/users/uid-1001", "memory.min") == str(1 << 20)
+    assert reconciler.cg.read("/broker/users", "memory.min") == str(1 << 20)
+
+
+def test_release_last_slot_removes_user(reconciler):
+    reconciler.apply({1001: {"light": 1}, 1002: {"light": 1}}, TIERS)
+    busy = reconciler.pools.by_path("/broker/users/uid-1001/light-0")
+    busy.tgid = 4242
+    reconciler.apply({1002: {"light": 1}}, TIERS)
+    assert reconciler.cg.children("/broker/users") == ["uid-1001", "uid-1002"]
+    reconciler.release(busy)
+    assert reconciler.cg.children("/broker/users") == ["uid-1002"]
+    assert reconciler.cg.read("/broker/users", "memory.min") == str(1 << 20)
+
+
 def test_free_slot_skips_busy_and_retiring(reconciler):
     reconciler.apply({1001: {"light": 2}}, TIERS)
     first, second = reconciler.pools.slots[1001]
