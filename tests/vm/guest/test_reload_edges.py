@@ -68,8 +68,11 @@ def describe_tree(cgroup: str) -> str:
     """Return each cgroup under CGROUP with its cgroup.procs and memory.min."""
     lines = []
     for directory, _, _ in os.walk(f"/sys/fs/cgroup{cgroup}"):
-        procs = open(f"{directory}/cgroup.procs").read().split()
-        floor = open(f"{directory}/memory.min").read().strip()
+        try:
+            procs = open(f"{directory}/cgroup.procs").read().split()
+            floor = open(f"{directory}/memory.min").read().strip()
+        except FileNotFoundError:
+            continue  # removed while this walk was reading it
         lines.append(f"{directory}: procs {procs} memory.min {floor}")
     return "\n".join(lines)
 
@@ -124,8 +127,12 @@ def test_reload_dropping_user_sends_home(servers):
     sh("systemctl", "reload", "broker")
     wait_until(lambda: cgroup_of(dave.pid) == dave.home, 20, "dave's server home")
     assert dave.process.poll() is None
-    time.sleep(USER_REFRESH + 10)
+    # The user's cgroup goes with its last slot, not at the next refresh.
+    deadline = time.monotonic() + 10
     left = describe_tree(slot_dir(USERS["dave"]))
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = describe_tree(slot_dir(USERS["dave"]))
     assert left == "", left
 
 
