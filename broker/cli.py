@@ -223,15 +223,34 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def read_status(state_dir: str | None) -> dict[str, Any]:
+    """Return the daemon's status.json; raise BrokerError if it is missing or invalid."""
     directory = state_mod.state_dir(state_dir)
+    path = directory / state_mod.STATUS_FILE
     try:
-        return state_mod.load_status(directory)
+        status = state_mod.load_status(directory)
     except FileNotFoundError as exc:
         raise BrokerError(
             f"no status in {directory}: is the daemon running? (systemctl status broker)"
         ) from exc
     except PermissionError as exc:
         raise BrokerError(f"cannot read {directory}: run as root") from exc
+    except OSError as exc:
+        raise BrokerError(f"failed to read {path}: {exc.strerror}") from exc
+    except ValueError as exc:
+        # A truncated or foreign file raises JSONDecodeError or UnicodeDecodeError.
+        raise BrokerError(
+            f"{path}: invalid JSON ({exc}); restart the daemon to rewrite it"
+        ) from exc
+    if not (
+        isinstance(status, dict)
+        and isinstance(status.get("daemon"), dict)
+        and isinstance(status.get("users"), dict)
+    ):
+        raise BrokerError(
+            f"{path}: expected an object with daemon and users objects; "
+            "restart the daemon to rewrite it"
+        )
+    return status
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -244,8 +263,20 @@ def cmd_status(args: argparse.Namespace) -> int:
 
         print(metrics.render(status), end="")
         return 0
-    print(format_status(status))
+    try:
+        print(format_status(status))
+    except (KeyError, TypeError) as exc:
+        raise _status_field_error(args.state_dir, exc) from exc
     return 0
+
+
+def _status_field_error(state_dir: str | None, exc: Exception) -> BrokerError:
+    """Return the error for a status.json whose fields another broker version wrote."""
+    path = state_mod.state_dir(state_dir) / state_mod.STATUS_FILE
+    return BrokerError(
+        f"{path}: field {exc} is missing or of the wrong type; restart the "
+        "daemon, or run the broker of the same version"
+    )
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -287,6 +318,13 @@ def format_status(status: dict[str, Any]) -> str:
 def cmd_explain(args: argparse.Namespace) -> int:
     status = read_status(args.state_dir)
     uid = _resolve_uid(args.user)
+    try:
+        return _explain(uid, status, args.json)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise _status_field_error(args.state_dir, exc) from exc
+
+
+def _explain(uid: int, status: dict[str, Any], as_json: bool) -> int:
     user = status["users"].get(str(uid))
     if user is None:
         print(
@@ -295,7 +333,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         )
         return 1
     plan = user.get("plan")
-    if args.json:
+    if as_json:
         print(json.dumps({"uid": uid, "plan": plan, "slots": user["slots"]}, indent=2))
         return 0
     if plan is None:

@@ -49,3 +49,50 @@ def test_check_invalid_names_line(tmp_path: Path, capsys):
     assert cli.main(["check", str(path)]) == 1
     err = capsys.readouterr().err
     assert f"{path}:3: " in err
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"daemon": {"pid": 1',
+        b"garbage",
+        b"\xff\xfe",
+        b"[]",
+        b"{}",
+        b'{"daemon": {"pid": 1}, "users": []}',
+    ],
+)
+@pytest.mark.parametrize(
+    "command", [["status"], ["status", "--json"], ["explain", "1"]]
+)
+def test_status_corrupt_file(tmp_path: Path, capsys, content: bytes, command):
+    (tmp_path / "status.json").write_bytes(content)
+    assert cli.main([*command, "--state-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"{tmp_path / 'status.json'}: " in err
+    assert "restart the daemon" in err
+
+
+def test_status_file_is_directory(tmp_path: Path, capsys):
+    (tmp_path / "status.json").mkdir()
+    assert cli.main(["status", "--state-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "Is a directory" in err
+
+
+def test_status_missing_field(tmp_path: Path, capsys):
+    (tmp_path / "status.json").write_text('{"daemon": {"pid": 1}, "users": {}}')
+    assert cli.main(["status", "--state-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "'cgroup_root'" in err
+
+
+def test_explain_missing_field(tmp_path: Path, capsys):
+    (tmp_path / "status.json").write_text('{"daemon": {}, "users": {"1": []}}')
+    assert cli.main(["explain", "1", "--state-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "missing or of the wrong type" in err
