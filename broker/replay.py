@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import argparse
 import csv
+import difflib
 import heapq
 import json
 import logging
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -87,6 +89,11 @@ def _user_from_parts(
 # Service time for functions whose recorded average is 0 ms (rounded down).
 MIN_SERVICE_TIME = 0.001
 
+# Columns of the Azure Functions 2019 files that the replay reads.
+AZURE_INVOCATIONS = ("HashOwner", "HashFunction")
+AZURE_DURATIONS = ("HashFunction", "Average")
+AZURE_MEMORY = ("HashFunction", "AverageAllocatedMb")
+
 
 def load_azure_functions(directory: Path, seed: int = 0, spread: float = 60.0) -> Trace:
     """Load the Azure Functions 2019 layout: invocations, durations, memory CSVs.
@@ -97,39 +104,53 @@ def load_azure_functions(directory: Path, seed: int = 0, spread: float = 60.0) -
     duration. A user's slot reserves the largest average memory of its
     functions.
     """
-    rows = _read_csv(directory / "invocations.csv")
     durations = {
-        r["HashFunction"]: float(r["Average"]) / 1000.0
-        for r in _read_csv(directory / "durations.csv")
+        row["HashFunction"]: _size(row["Average"], where, "Average", "milliseconds")
+        for where, row in _csv_rows(directory / "durations.csv", AZURE_DURATIONS)
     }
-    memory_path = directory / "memory.csv"
-    memory = {}
-    if memory_path.exists():
-        memory = {
-            r["HashFunction"]: float(r["AverageAllocatedMb"])
-            for r in _read_csv(memory_path)
-        }
-    minutes = [c for c in rows[0] if c.isdigit()] if rows else []
-    if not minutes:
-        raise TraceError(
-            f"{directory / 'invocations.csv'}: no minute columns (480, 481, ...)"
-        )
+    memory = _azure_memory(directory / "memory.csv")
     rng = np.random.default_rng(seed)
     parts: dict[str, tuple[list, list, list]] = {}
-    where = directory / "invocations.csv"
-    for number, row in enumerate(rows, 2):
-        counts = np.array([_count(row[m], f"{where}:{number}", m) for m in minutes])
+    minutes: list[str] = []
+    for where, row in _csv_rows(directory / "invocations.csv", AZURE_INVOCATIONS):
+        minutes = minutes or _minute_columns(directory / "invocations.csv", row)
+        counts = np.array([_count(row[m], where, m) for m in minutes])
         minute = np.repeat(np.arange(counts.size), counts)
         start = (minute + rng.random(minute.size)) * spread
-        service = max(durations.get(row["HashFunction"], 1.0), MIN_SERVICE_TIME)
+        milliseconds = durations.get(row["HashFunction"])
+        service = 1.0 if milliseconds is None else milliseconds / 1000.0
+        service = max(service, MIN_SERVICE_TIME)
         starts, services, memories = parts.setdefault(row["HashOwner"], ([], [], []))
         starts.append(start)
         services.append(np.full(start.size, service))
         memories.append(memory.get(row["HashFunction"], 0.0))
+    if not minutes:
+        raise TraceError(f"{directory / 'invocations.csv'}: no rows; nothing to replay")
     users = [
         _user_from_parts(owner, s, d, max(m)) for owner, (s, d, m) in parts.items()
     ]
     return Trace(users, len(minutes) * spread, str(directory))
+
+
+def _azure_memory(path: Path) -> dict[str, float]:
+    """Return megabytes per function from memory.csv, or nothing if it is absent."""
+    if not path.exists():
+        return {}
+    return {
+        row["HashFunction"]: _size(
+            row["AverageAllocatedMb"], where, "AverageAllocatedMb", "megabytes"
+        )
+        or 0.0
+        for where, row in _csv_rows(path, AZURE_MEMORY)
+    }
+
+
+def _minute_columns(path: Path, row: dict[str, str]) -> list[str]:
+    """Return the minute-of-day columns (480, 481, ...) of invocations.csv."""
+    minutes = [column for column in row if column.isdigit()]
+    if not minutes:
+        raise TraceError(f"{path}: no minute columns (480, 481, ...)")
+    return minutes
 
 
 def load_csv(
@@ -145,20 +166,14 @@ def load_csv(
     random instants of [timestamp, timestamp + spread). Raises TraceError
     naming the file, line and field of the first invalid value.
     """
-    rows = _read_csv(path)
-    if not rows:
-        raise TraceError(
-            f"{path}: no rows; expected a header with at least timestamp,user "
-            "and one row per arrival time"
-        )
-    if "timestamp" not in rows[0] or "user" not in rows[0]:
-        raise TraceError(f"{path}: expected a header with at least timestamp,user")
     rng = np.random.default_rng(seed)
     parts: dict[str, tuple[list, list, list]] = {}
     stamps = []
-    for number, row in enumerate(rows, 2):
+    rows = 0
+    for where, row in _csv_rows(path, CSV_REQUIRED, CSV_COLUMNS):
+        rows += 1
         user, stamp, count, duration, memory = _csv_row(
-            row, f"{path}:{number}", service_time, memory_mb
+            row, where, service_time, memory_mb
         )
         if count:
             stamps.append(stamp)
@@ -166,8 +181,17 @@ def load_csv(
         starts.append(stamp + rng.random(count) * spread)
         services.append(np.full(count, max(duration, MIN_SERVICE_TIME)))
         memories.append(memory)
+    if not rows:
+        raise TraceError(
+            f"{path}: no rows; expected a header with at least timestamp,user "
+            "and one row per arrival time"
+        )
     users = [_user_from_parts(name, s, d, max(m)) for name, (s, d, m) in parts.items()]
     return _shift_to_origin(users, stamps, spread, path)
+
+
+CSV_REQUIRED = ("timestamp", "user")
+CSV_COLUMNS = ("timestamp", "user", "count", "duration_s", "memory_mb")
 
 
 # A count above this in one row or one minute is taken for a typo: a million
@@ -179,8 +203,10 @@ def _csv_row(
     row: dict[str, str], where: str, service_time: float, memory_mb: float
 ) -> tuple[str, float, int, float, float]:
     """Return user, timestamp, count, duration and memory of one CSV row."""
-    user = row.get("user")
-    if user is None:
+    if (row.get("timestamp") or "").startswith("#"):
+        raise TraceError(f"{where}: a comment line; remove it, as CSV has no comments")
+    user = (row.get("user") or "").strip()
+    if not user:
         raise TraceError(f"{where}: user: missing; give every row a user column")
     stamp = _number(row.get("timestamp"), where, "timestamp", "seconds")
     count = _count(row.get("count") or "1", where, "count")
@@ -223,8 +249,10 @@ def _size(text: str | None, where: str, name: str, unit: str) -> float | None:
     return value
 
 
-def _count(text: str, where: str, name: str) -> int:
+def _count(text: str | None, where: str, name: str) -> int:
     """Parse a whole number of arrivals, from 0 to MAX_ROW_ARRIVALS."""
+    if text is None:
+        raise TraceError(f"{where}: {name}: missing; give a whole number of arrivals")
     try:
         count = int(text)
     except ValueError as exc:
@@ -267,12 +295,84 @@ def _shift_to_origin(
     return Trace(users, last - origin + max(spread, 1e-9), str(path))
 
 
-def _read_csv(path: Path) -> list[dict[str, str]]:
+def _csv_rows(
+    path: Path, required: tuple[str, ...], known: tuple[str, ...] | None = None
+) -> Iterator[tuple[str, dict[str, str]]]:
+    """Yield `FILE:LINE` and each row of a UTF-8 CSV file with a header line.
+
+    A row may leave out trailing columns, which then read as missing. Raises
+    TraceError for a header without the required columns, a column not in
+    `known` (when given), a row with more fields than the header, invalid
+    UTF-8 and unreadable files.
+    """
     try:
-        with open(path, newline="") as handle:
-            return list(csv.DictReader(handle))
+        with open(path, "rb") as handle:
+            reader = csv.DictReader(_utf8_lines(handle, path), strict=True)
+            _check_header(path, reader.fieldnames, required, known)
+            for row in _checked_rows(reader, path):
+                yield f"{path}:{reader.line_num}", row
     except OSError as exc:
         raise TraceError(f"cannot read trace {path}: {exc.strerror}") from exc
+
+
+def _checked_rows(reader: csv.DictReader, path: Path) -> Iterator[dict[str, str]]:
+    width = len(reader.fieldnames or ())
+    try:
+        for row in reader:
+            if None in row:
+                raise TraceError(
+                    f"{path}:{reader.line_num}: {width + len(row[None])} fields, "
+                    f"but the header has {width}; quote fields that contain commas"
+                )
+            yield row
+    except csv.Error as exc:
+        # line_num counts the lines of complete rows, so the bad row starts after.
+        raise TraceError(
+            f"{path}:{reader.line_num + 1}: {exc}; close each quoted field, and "
+            'double a quote inside one ("")'
+        ) from None
+
+
+def _utf8_lines(handle: BinaryIO, path: Path) -> Iterator[str]:
+    """Decode a file line by line, so an invalid byte is reported with its line."""
+    for number, raw in enumerate(handle, 1):
+        try:
+            yield raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            raise TraceError(
+                f"{path}:{number}: invalid UTF-8 byte {raw[exc.start]:#04x} in "
+                f"column {exc.start + 1}; save the file as UTF-8"
+            ) from None
+
+
+def _check_header(
+    path: Path,
+    header: Sequence[str] | None,
+    required: tuple[str, ...],
+    known: tuple[str, ...] | None,
+) -> None:
+    """Raise TraceError for a repeated, missing or unknown column in the header."""
+    if header is None:
+        return  # An empty file: the loader reports that it has no rows.
+    for column in header:
+        if header.count(column) > 1:
+            raise TraceError(f"{path}:1: column {column!r} appears twice; keep one")
+    missing = [column for column in required if column not in header]
+    if missing:
+        line = ",".join(header)
+        line = line if len(line) <= 60 else line[:57] + "..."
+        raise TraceError(
+            f"{path}:1: missing column {missing[0]!r}; the first line "
+            f"{line!r} must be a header with at least {','.join(required)}"
+        )
+    unknown = [column for column in header if known and column not in known]
+    if unknown:
+        near = difflib.get_close_matches(unknown[0], known or (), n=1)
+        hint = f"did you mean {near[0]}? " if near else ""
+        raise TraceError(
+            f"{path}:1: unknown column {unknown[0]!r}; {hint}"
+            f"the columns are {','.join(known or ())}"
+        )
 
 
 def load_trace(

@@ -222,6 +222,47 @@ def test_load_csv_invalid_field(tmp_path, rows, expected):
         replay.load_csv(path)
 
 
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (b"timestamp,user\n0,u1\n60,\xff\n", r":3: invalid UTF-8 byte 0xff"),
+        (
+            b"timestamp,user,cnt\n0,u1,5\n",
+            r": unknown column 'cnt'.*did you mean count",
+        ),
+        (b"timestamp,user,user\n0,u1,u2\n", r": column 'user' appears twice"),
+        (b"# trace\ntimestamp,user\n0,u1\n", r":1: .* the first line '# trace'"),
+        (b"timestamp,user\n0,u1,3\n", r":2: 3 fields, but the header has 2"),
+        (b"timestamp,user\n0,u1\n\n\n60,u1,3\n", r":5: 3 fields"),
+        (b"timestamp,user\n0,u1\n# note\n", r":3: a comment line"),
+        (b"timestamp,user\n0,u1\n60, \n", r":3: user: missing"),
+        (b'timestamp,user\n0,"u1\n', r":2: unexpected end of data"),
+    ],
+)
+def test_load_csv_invalid_layout(tmp_path, text, expected):
+    path = tmp_path / "trace.csv"
+    path.write_bytes(text)
+    with pytest.raises(replay.TraceError, match=expected):
+        replay.load_csv(path)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b"\xef\xbb\xbftimestamp,user\n0,u1\n60,u1\n",
+        b"timestamp,user\r\n0,u1\r\n60,u1\r\n",
+        b'"timestamp","user"\n"0"," u1 "\n60,u1\n',
+        b"user,timestamp\nu1,60\nu1,0\n",
+    ],
+)
+def test_load_csv_odd_layout(tmp_path, text):
+    path = tmp_path / "trace.csv"
+    path.write_bytes(text)
+    trace = replay.load_csv(path)
+    assert [u.name for u in trace.users] == ["u1"]
+    assert trace.users[0].start.tolist() == [0.0, 60.0]
+
+
 def test_load_csv_single_instant(tmp_path):
     path = tmp_path / "trace.csv"
     path.write_text("timestamp,user,count\n0,u1,3\n")
@@ -298,6 +339,56 @@ def test_load_azure_negative_count(tmp_path):
         "HashOwner,HashApp,HashFunction,Average\no1,a1,f1,1500\n"
     )
     with pytest.raises(replay.TraceError, match=r"invocations.csv:2: 481: -1 is"):
+        replay.load_azure_functions(tmp_path)
+
+
+def write_azure(directory, invocations, durations):
+    (directory / "invocations.csv").write_text(
+        "HashOwner,HashApp,HashFunction,Trigger,480,481\n" + invocations
+    )
+    (directory / "durations.csv").write_text(durations)
+
+
+@pytest.mark.parametrize(
+    "invocations, durations, expected",
+    [
+        (
+            "o1,a1,f1,http,2\n",
+            "HashFunction,Average\nf1,1500\n",
+            r"invocations.csv:2: 481: missing",
+        ),
+        (
+            "o1,a1,f1,http,2,1\n",
+            "HashFunction,Avg\nf1,1500\n",
+            r"durations.csv:1: missing column 'Average'",
+        ),
+        (
+            "o1,a1,f1,http,2,1\n",
+            "HashFunction,Average\nf1,abc\n",
+            r"durations.csv:2: Average: .*give milliseconds as a number",
+        ),
+        (
+            "o1,a1,f1,http,2,1\n",
+            "HashFunction,Average\nf1,nan\n",
+            r"durations.csv:2: Average: 'nan' is not a finite number",
+        ),
+        (
+            "o1,a1,f1,http,2,1\n",
+            "HashFunction,Average\nf1,-5\n",
+            r"durations.csv:2: Average: -5 is negative",
+        ),
+    ],
+)
+def test_load_azure_invalid(tmp_path, invocations, durations, expected):
+    write_azure(tmp_path, invocations, durations)
+    with pytest.raises(replay.TraceError, match=expected):
+        replay.load_azure_functions(tmp_path)
+
+
+def test_load_azure_missing_owner(tmp_path):
+    (tmp_path / "invocations.csv").write_text("Owner,HashFunction,480\no1,f1,2\n")
+    (tmp_path / "durations.csv").write_text("HashFunction,Average\nf1,1500\n")
+    with pytest.raises(replay.TraceError, match=r"missing column 'HashOwner'"):
         replay.load_azure_functions(tmp_path)
 
 
