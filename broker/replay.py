@@ -20,6 +20,7 @@ import heapq
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -1101,6 +1102,19 @@ class Options:
     curve_points: int = 0  # extra knob settings replayed for the plot
 
 
+METHOD_NAMES = (
+    "gp",
+    "gp-peak",
+    "gp-value",
+    "static",
+    "reactive",
+    "window-percentile",
+    "decaying-histogram",
+    "oracle-static",
+    "oracle-dynamic",
+)
+
+
 def build_method(name: str, trace: Trace, options: Options, progress=None) -> Method:
     if name in ("gp", "gp-peak"):
         return GaussianProcess(options.settings, progress, peak_only=name == "gp-peak")
@@ -1399,8 +1413,23 @@ def plot(comparison: Comparison, trace: Trace, path: Path, users: int = 3) -> No
     curve.set_xscale("log")
     curve.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    try:
+        figure.savefig(path, dpi=100)
+    except OSError as exc:
+        raise TraceError(f"--plot {path}: {exc.strerror or exc}") from exc
+    finally:
+        plt.close(figure)
+
+
+def _check_plot_path(path: Path) -> None:
+    """Raise TraceError before a replay whose plot could not be written."""
+    directory = path.parent
+    if not directory.is_dir():
+        raise TraceError(
+            f"--plot {path}: directory {directory} not found; create it first"
+        )
+    if not os.access(directory, os.W_OK):
+        raise TraceError(f"--plot {path}: directory {directory} is not writable")
 
 
 EPILOG = """examples:
@@ -1445,6 +1474,61 @@ def _non_negative(text: str) -> float:
     return value
 
 
+def _open_fraction(text: str) -> float:
+    """Parse a number strictly between 0 and 1 for argparse."""
+    value = _finite(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1 (exclusive)")
+    return value
+
+
+def _hit_rate(text: str) -> float:
+    """Parse a hit rate above 0 and at most 1 for argparse."""
+    value = _finite(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not above 0 and at most 1")
+    return value
+
+
+def _fraction(text: str) -> float:
+    """Parse a number from 0 to 1 for argparse."""
+    value = _finite(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not from 0 to 1")
+    return value
+
+
+def _whole(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{text} is below {low}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    return _whole(text, 1)
+
+
+def _non_negative_int(text: str) -> int:
+    return _whole(text, 0)
+
+
+def _method_names(text: str) -> tuple[str, ...]:
+    """Parse a comma-separated list of methods for argparse, dropping repeats."""
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if not names:
+        raise argparse.ArgumentTypeError("no method named")
+    for name in names:
+        if name not in METHOD_NAMES:
+            raise argparse.ArgumentTypeError(
+                f"unknown method {name!r}; choose from {', '.join(METHOD_NAMES)}"
+            )
+    return names
+
+
 def _finite(text: str) -> float:
     try:
         value = float(text)
@@ -1473,36 +1557,37 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--target-hit-rate",
-        type=float,
+        type=_hit_rate,
         default=0.95,
         help="pooled warm-hit rate to reach (default 0.95)",
     )
     parser.add_argument(
         "--min-median",
-        type=float,
+        type=_fraction,
         default=0.9,
         help="second target: median per-user hit rate (default 0.9; 0 turns it off)",
     )
     parser.add_argument(
         "--methods",
+        type=_method_names,
         default=",".join(Options().methods),
         help="comma-separated methods (also: gp-peak, gp-value, oracle-dynamic)",
     )
     parser.add_argument(
         "--quantile",
-        type=float,
+        type=_open_fraction,
         default=0.9,
         help="gp quantile at its default setting (default 0.9)",
     )
     parser.add_argument(
         "--window",
-        type=int,
+        type=_positive_int,
         default=64,
         help="gp training window in intervals (default 64)",
     )
     parser.add_argument(
         "--percentile-window",
-        type=int,
+        type=_positive_int,
         default=60,
         help="window-percentile window in intervals (default 60)",
     )
@@ -1526,7 +1611,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--seed",
-        type=int,
+        type=_non_negative_int,
         default=0,
         help="seed of the arrival times within a row (default 0)",
     )
@@ -1546,7 +1631,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         interval=args.interval,
         warmup=args.warmup,
         target=args.target_hit_rate,
-        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        methods=args.methods,
         settings=settings,
         percentile_window=args.percentile_window,
         half_life=args.half_life,
@@ -1559,6 +1644,8 @@ def options_from_args(args: argparse.Namespace) -> Options:
 def run(args: argparse.Namespace) -> int:
     """Run `broker replay`; return the exit code (1 on a trace or usage error)."""
     try:
+        if args.plot:
+            _check_plot_path(args.plot)
         trace = load_trace(args.trace, args.seed, args.spread, args.service_time)
         comparison = compare(trace, options_from_args(args), Progress())
         if args.plot:

@@ -498,3 +498,52 @@ def test_gp_anomaly_names_user(caplog):
     method = replay.GaussianProcess(replay.PredictorSettings(window=16))
     method.prepare(demand, warmup=20)
     assert "anomalous demand for user carol" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("--quantile", "0"),
+        ("--quantile", "1"),
+        ("--quantile", "nan"),
+        ("--target-hit-rate", "0"),
+        ("--target-hit-rate", "1.5"),
+        ("--target-hit-rate", "nan"),
+        ("--min-median", "-0.1"),
+        ("--min-median", "2"),
+        ("--window", "0"),
+        ("--percentile-window", "0"),
+        ("--seed", "-1"),
+        ("--methods", "magic"),
+        ("--methods", ",,"),
+    ],
+)
+def test_parse_invalid_option(option, value, capsys):
+    parser = replay.argparse.ArgumentParser()
+    replay._add_arguments(parser)
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["trace.csv", f"{option}={value}"])
+    assert exit_info.value.code == 2
+    assert f"argument {option}: " in capsys.readouterr().err
+
+
+def test_parse_methods_deduplicated():
+    parser = replay.argparse.ArgumentParser()
+    replay._add_arguments(parser)
+    args = parser.parse_args(["t.csv", "--methods", "static, gp,static"])
+    assert replay.options_from_args(args).methods == ("static", "gp")
+
+
+def test_run_plot_unwritable(tmp_path, capsys):
+    path = tmp_path / "trace.csv"
+    path.write_text("timestamp,user\n" + "".join(f"{60 * m},u1\n" for m in range(4)))
+    parser = replay.argparse.ArgumentParser()
+    replay._add_arguments(parser)
+    target = tmp_path / "absent" / "plot.png"
+    args = parser.parse_args(
+        [str(path), "--methods", "static", "--warmup", "1", "--plot", str(target)]
+    )
+    assert replay.run(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"--plot {target}: " in err
