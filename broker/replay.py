@@ -113,9 +113,11 @@ def load_azure_functions(directory: Path, seed: int = 0, spread: float = 60.0) -
     rng = np.random.default_rng(seed)
     parts: dict[str, tuple[list, list, list]] = {}
     minutes: list[str] = []
+    total = 0
     for where, row in _csv_rows(directory / "invocations.csv", AZURE_INVOCATIONS):
         minutes = minutes or _minute_columns(directory / "invocations.csv", row)
         counts = np.array([_count(row[m], where, m) for m in minutes])
+        total = _add_arrivals(total, int(counts.sum()), where, "invocations")
         minute = np.repeat(np.arange(counts.size), counts)
         start = (minute + rng.random(minute.size)) * spread
         milliseconds = durations.get(row["HashFunction"])
@@ -170,12 +172,13 @@ def load_csv(
     rng = np.random.default_rng(seed)
     parts: dict[str, tuple[list, list, list]] = {}
     stamps = []
-    rows = 0
+    rows = total = 0
     for where, row in _csv_rows(path, CSV_REQUIRED, CSV_COLUMNS):
         rows += 1
         user, stamp, count, duration, memory = _csv_row(
             row, where, service_time, memory_mb
         )
+        total = _add_arrivals(total, count, where, "count")
         if count:
             stamps.append(stamp)
         starts, services, memories = parts.setdefault(user, ([], [], []))
@@ -198,6 +201,23 @@ CSV_COLUMNS = ("timestamp", "user", "count", "duration_s", "memory_mb")
 # A count above this in one row or one minute is taken for a typo: a million
 # arrivals already take tens of megabytes of replay arrays.
 MAX_ROW_ARRIVALS = 1_000_000
+
+# Arrivals a trace may have in all. Loading and replaying with static took
+# about 160 bytes per arrival (6 million arrivals: 1.1 GB resident in
+# `broker replay --methods static,reactive`), so this is some 3 GB. The Azure Functions sample in bench/data has 3 million.
+MAX_TRACE_ARRIVALS = 20_000_000
+
+
+def _add_arrivals(total: int, count: int, where: str, name: str) -> int:
+    """Return total + count; raise TraceError above MAX_TRACE_ARRIVALS."""
+    total += count
+    if total > MAX_TRACE_ARRIVALS:
+        raise TraceError(
+            f"{where}: {name}: the trace has more than {MAX_TRACE_ARRIVALS} "
+            "arrivals up to this row, more than a replay holds in memory; "
+            "replay a shorter slice or fewer users"
+        )
+    return total
 
 
 def _csv_row(
@@ -452,6 +472,11 @@ def _busy_integral(times: np.ndarray, level: np.ndarray, at: np.ndarray) -> np.n
 # at about 0.2 CPU-seconds per interval for the 428 users of the Azure sample.
 MAX_INTERVALS = 100_000
 
+# Users x intervals a replay accepts. The methods keep per cell up to about
+# 500 bytes: gp a pool per quantile level and window-percentile a sorted
+# window of 60 peaks. So this bounds them to some 5 GB.
+MAX_CELLS = 10_000_000
+
 
 def interval_count(trace: Trace, interval: float) -> int:
     """Return the number of planning intervals that cover the trace and every arrival.
@@ -459,8 +484,9 @@ def interval_count(trace: Trace, interval: float) -> int:
     A CSV trace without --spread ends just after its last arrival. When that
     arrival starts a whole number of intervals after the first, the rounding
     tolerance of the length alone would leave it outside the last interval.
-    Raises TraceError for an interval that is not a positive number and for
-    more than MAX_INTERVALS intervals.
+    Raises TraceError for an interval that is not a positive number, for
+    more than MAX_INTERVALS intervals and for more than MAX_CELLS users x
+    intervals.
     """
     if not (math.isfinite(interval) and interval > 0):
         raise TraceError(f"--interval {interval:g}: give a positive number of seconds")
@@ -479,7 +505,14 @@ def interval_count(trace: Trace, interval: float) -> int:
     for user in trace.users:
         if user.start.size:
             count = max(count, math.floor(float(user.start[-1]) / interval) + 1)
-    return max(count, 1)
+    count = max(count, 1)
+    if len(trace.users) * count > MAX_CELLS:
+        raise TraceError(
+            f"{trace.source}: {len(trace.users)} users x {count} intervals of "
+            f"{interval:g} s is more than the {MAX_CELLS} a replay holds in "
+            "memory; raise --interval, or replay fewer users"
+        )
+    return count
 
 
 def measure_demand(trace: Trace, interval: float) -> Demand:
@@ -685,6 +718,38 @@ class WindowPercentile(Method):
         return np.nan_to_num(np.where(self.count[None, :] > 0, picked, 0.0))
 
 
+# Values per user, interval and pool size from 0 to the largest peak that
+# decaying-histogram and oracle-dynamic keep, 4 bytes each: 1 GB.
+MAX_POOL_CELLS = 250_000_000
+
+# Pool sizes from 0 to the largest peak that the oracles replay the whole
+# trace with, one replay each.
+MAX_ORACLE_POOLS = 1000
+
+
+def _check_pool_sizes(name: str, demand: Demand, per_interval: bool) -> None:
+    """Raise TraceError if a method's work grows past its bound with the largest peak.
+
+    With `per_interval` the bound is MAX_POOL_CELLS values per user, interval
+    and pool size, otherwise MAX_ORACLE_POOLS pool sizes.
+    """
+    users, count = demand.shape
+    largest = int(demand.peak.max()) if demand.peak.size else 0
+    sizes = f"{largest + 1} pool sizes (0 to the largest peak, {largest})"
+    if per_interval and users * count * (largest + 1) > MAX_POOL_CELLS:
+        size = f"{users} users x {count} intervals x {sizes}"
+        limit = f"the {MAX_POOL_CELLS} values it holds in memory"
+    elif not per_interval and largest + 1 > MAX_ORACLE_POOLS:
+        size = sizes
+        limit = f"the {MAX_ORACLE_POOLS} whole-trace replays it runs"
+    else:
+        return
+    raise TraceError(
+        f"{name}: {size} is more than {limit}; check the counts and durations, "
+        "raise --interval, or leave the method out of --methods"
+    )
+
+
 class DecayingHistogram(Method):
     """Pool = (1 + margin) times the knob-percentile of a decaying histogram of peaks.
 
@@ -704,6 +769,7 @@ class DecayingHistogram(Method):
         peak = demand.peak.astype(int)
         users, count = peak.shape
         buckets = int(peak.max()) + 1 if peak.size else 1
+        _check_pool_sizes(self.name, demand, per_interval=True)
         weight = np.zeros((users, buckets))
         self.cumulative = np.zeros((count, users, buckets), dtype=np.float32)
         for k in range(1, count):
@@ -907,6 +973,7 @@ class OracleStatic(Method):
         self.trace = trace
 
     def prepare(self, demand: Demand, warmup: int) -> None:
+        _check_pool_sizes(self.name, demand, per_interval=False)
         largest = int(demand.peak.max()) if demand.peak.size else 0
         users = demand.shape[0]
         self.hits = np.zeros((users, largest + 1))
@@ -948,6 +1015,8 @@ class OracleDynamic(Method):
         self.trace = trace
 
     def prepare(self, demand: Demand, warmup: int) -> None:
+        _check_pool_sizes(self.name, demand, per_interval=False)
+        _check_pool_sizes(self.name, demand, per_interval=True)
         largest = int(demand.peak.max()) if demand.peak.size else 0
         users, count = demand.shape
         self.hits = np.zeros((users, count, largest + 1), dtype=np.float32)

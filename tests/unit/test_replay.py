@@ -547,3 +547,56 @@ def test_run_plot_unwritable(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert f"--plot {target}: " in err
+
+
+def test_load_csv_arrivals_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr(replay, "MAX_TRACE_ARRIVALS", 5)
+    path = tmp_path / "trace.csv"
+    path.write_text("timestamp,user,count\n0,u1,3\n60,u2,3\n")
+    with pytest.raises(replay.TraceError, match=r":3: count: .* more than 5 "):
+        replay.load_csv(path)
+
+
+def test_load_azure_arrivals_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr(replay, "MAX_TRACE_ARRIVALS", 5)
+    write_azure(tmp_path, "o1,a1,f1,http,2,1\no2,a1,f2,http,2,1\n", "")
+    (tmp_path / "durations.csv").write_text("HashFunction,Average\nf1,10\n")
+    with pytest.raises(replay.TraceError, match=r"invocations.csv:3: .* more than 5 "):
+        replay.load_azure_functions(tmp_path)
+
+
+def test_demand_cells_bounded(monkeypatch):
+    monkeypatch.setattr(replay, "MAX_CELLS", 3)
+    trace = Trace(
+        [
+            UserArrivals(name, np.array([0.0, 100.0]), np.ones(2), 64.0)
+            for name in ("a", "b")
+        ],
+        120.0,
+        "t.csv",
+    )
+    # 2 users x 2 intervals of 60 s = 4 cells; 2 x 1 interval of 120 s = 2.
+    with pytest.raises(replay.TraceError, match=r"2 users x 2 intervals"):
+        replay.measure_demand(trace, 60.0)
+    assert replay.measure_demand(trace, 120.0).shape == (2, 1)
+
+
+def test_histogram_size_bounded(monkeypatch):
+    monkeypatch.setattr(replay, "MAX_POOL_CELLS", 10)
+    # 5 arrivals at once hold 10 s: peak 5, so 6 pool sizes x 2 intervals = 12.
+    trace = make_trace([1, 1, 1, 1, 1, 70], [10, 10, 10, 10, 10, 1])
+    demand = replay.measure_demand(trace, 60.0)
+    with pytest.raises(replay.TraceError, match=r"decaying-histogram: .* 6 pool sizes"):
+        replay.DecayingHistogram().prepare(demand, 1)
+
+
+@pytest.mark.parametrize("oracle", [replay.OracleStatic, replay.OracleDynamic])
+def test_oracle_pools_bounded(monkeypatch, oracle):
+    monkeypatch.setattr(replay, "MAX_ORACLE_POOLS", 5)
+    # Peak 5: pool sizes 0 to 5 are 6 whole-trace replays.
+    trace = make_trace([1, 1, 1, 1, 1, 70], [10, 10, 10, 10, 10, 1])
+    demand = replay.measure_demand(trace, 60.0)
+    with pytest.raises(
+        replay.TraceError, match=r"oracle-.*: 6 pool sizes .* the 5 whole-trace"
+    ):
+        oracle(trace).prepare(demand, 1)
