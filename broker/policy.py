@@ -1182,7 +1182,17 @@ def load(paths: Iterable[Path]) -> Policy:
     problems: list[PolicyProblem] = []
     for path in files:
         try:
-            texts.append((str(path), path.read_text()))
+            texts.append((str(path), _read_utf8(path)))
+        except UnicodeDecodeError as exc:
+            problems.append(
+                PolicyProblem(
+                    str(path),
+                    exc.object[: exc.start].count(b"\n") + 1,
+                    "(file)",
+                    f"invalid UTF-8 byte {exc.object[exc.start]:#04x}",
+                    "save the file as UTF-8",
+                )
+            )
         except OSError as exc:
             problems.append(
                 PolicyProblem(
@@ -1196,6 +1206,11 @@ def load(paths: Iterable[Path]) -> Policy:
     if problems:
         raise PolicyError(problems)
     return load_texts(texts)
+
+
+def _read_utf8(path: Path) -> str:
+    """Return a file's text; raise UnicodeDecodeError on invalid UTF-8."""
+    return path.read_bytes().decode("utf-8")
 
 
 def resolve_policy_paths(explicit: list[str] | None) -> list[Path]:

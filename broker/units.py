@@ -7,7 +7,9 @@ instead, and the policy loader adds the file and line.
 
 from __future__ import annotations
 
+import math
 import re
+from decimal import Decimal
 
 _NUMBER = r"(\d+(?:\.\d+)?)"
 
@@ -59,6 +61,10 @@ _RATE_UNITS = {
 RATE_MIN = 1000
 RATE_MAX = (2**64 - 1) * 8
 
+# The largest size a cgroup memory file can mean. The kernel reads sizes with
+# memparse(), which returns an unsigned 64-bit number.
+SIZE_MAX = 2**64 - 1
+
 # Units people write that tc would read differently from what they meant.
 _AMBIGUOUS_RATE_UNITS = {"", "k", "m", "g", "t", "kb", "mb", "gb", "tb", "b"}
 
@@ -68,7 +74,7 @@ def parse_size(text: str | int) -> int:
     if isinstance(text, int):
         if text < 0:
             raise ValueError(f"size {text} is negative; write 0 or more bytes")
-        return text
+        return _below_size_max(text, str(text))
     match = re.fullmatch(_NUMBER + r"\s*([a-zA-Z]*)", text.strip())
     if not match:
         raise ValueError(
@@ -78,7 +84,28 @@ def parse_size(text: str | int) -> int:
     factor = _SIZE_UNITS.get(unit.lower())
     if factor is None:
         raise ValueError(f"unknown size unit {unit!r} in {text!r}; use K, M, G or T")
-    return int(float(number) * factor)
+    return _below_size_max(int(Decimal(number) * factor), text)
+
+
+def _below_size_max(size: int, text: str) -> int:
+    if size > SIZE_MAX:
+        shown = text if len(text) <= 24 else text[:21] + "..."
+        raise ValueError(
+            f"size {shown!r} is above 2**64 - 1 bytes; write a smaller size"
+        )
+    return size
+
+
+def _finite(number: Decimal | int | float, text: str, kind: str) -> float:
+    """Return a number as a float; raise ValueError if it is too large for one."""
+    try:
+        value = float(number)
+    except OverflowError:
+        value = math.inf
+    if not math.isfinite(value):
+        shown = str(text) if len(str(text)) <= 24 else str(text)[:21] + "..."
+        raise ValueError(f"{kind} {shown!r} is too large; write a smaller {kind}")
+    return value
 
 
 def parse_duration(text: str | int | float) -> float:
@@ -86,7 +113,7 @@ def parse_duration(text: str | int | float) -> float:
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         if text < 0:
             raise ValueError(f"duration {text} is negative")
-        return float(text)
+        return _finite(text, str(text), "duration")
     match = re.fullmatch(_NUMBER + r"\s*([a-z]*)", str(text).strip())
     if not match:
         raise ValueError(f"invalid duration {text!r}; write e.g. 30s, 500ms, 5m or 1h")
@@ -96,7 +123,7 @@ def parse_duration(text: str | int | float) -> float:
         raise ValueError(
             f"unknown duration unit {unit!r} in {text!r}; use ms, s, m or h"
         )
-    return float(number) * factor
+    return _finite(Decimal(number) * Decimal(factor), str(text), "duration")
 
 
 def parse_rate(text: str) -> int:
@@ -117,7 +144,7 @@ def parse_rate(text: str) -> int:
             f"unknown rate unit {unit!r} in {text!r}; use bit, kbit, mbit, gbit, "
             f"or bps, kbps, mbps, gbps for bytes per second"
         )
-    return int(round(float(number) * factor))
+    return int(round(_finite(Decimal(number) * factor, text, "rate")))
 
 
 def format_rate(bits_per_second: int) -> str:

@@ -274,3 +274,23 @@ def test_advice_names_unknown_account():
 def test_managed_users_never_include_root():
     text = GOOD.replace("group: devs", "group: root")
     assert 0 not in policy.load_texts([("p.yaml", text)]).managed_users()
+
+
+def test_invalid_utf8_names_line(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_bytes(GOOD.encode().replace(b"alice", b"al\xffce"))
+    with pytest.raises(PolicyError) as caught:
+        policy.load([path])
+    problems = [str(p) for p in caught.value.problems]
+    # alice is on line 13 of GOOD.
+    assert problems == [
+        f"{path}:13: (file): invalid UTF-8 byte 0xff; save the file as UTF-8"
+    ]
+
+
+def test_size_above_64_bits():
+    text = GOOD.replace("memory.min: 128M", "memory.min: 18446744073709551616")
+    problems = problems_of(text)
+    assert len(problems) == 1
+    assert problems[0].startswith("p.yaml:8: tiers.heavy.memory.min: size ")
+    assert "above 2**64 - 1 bytes" in problems[0]

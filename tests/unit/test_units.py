@@ -102,3 +102,38 @@ def test_parse_size_unknown_unit() -> None:
 )
 def test_parse_duration(text: str | int, seconds: float) -> None:
     assert units.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "9" * 400 + "M",
+        "9" * 400,
+        int("9" * 400),
+        "17179869184G",
+        "18446744073709551616",
+    ],
+)
+def test_parse_size_too_large(text: str | int) -> None:
+    with pytest.raises(ValueError, match="above 2\\*\\*64 - 1 bytes"):
+        units.parse_size(text)
+
+
+def test_parse_size_largest() -> None:
+    assert units.parse_size("18446744073709551615") == 2**64 - 1
+
+
+@pytest.mark.parametrize("text", ["9" * 400 + "s", "9" * 400, int("9" * 400)])
+def test_parse_duration_infinite(text: str | int) -> None:
+    with pytest.raises(ValueError, match="too large"):
+        units.parse_duration(text)
+
+
+def test_parse_rate_infinite() -> None:
+    with pytest.raises(ValueError, match="too large"):
+        units.parse_rate("9" * 400 + "mbit")
+
+
+def test_parse_duration_product_too_large() -> None:
+    with pytest.raises(ValueError, match="too large"):
+        units.parse_duration("1" + "0" * 306 + "h")
