@@ -11,6 +11,7 @@ PolicyError, in the form `FILE:LINE: field: problem; fix`.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import grp
 import logging
 import os
@@ -367,11 +368,13 @@ class _Reader:
         allowed = sorted(known)
         for key, (key_node, _) in items.items():
             if key not in allowed:
+                near = difflib.get_close_matches(key, allowed, n=1)
+                hint = f"did you mean {near[0]}? " if near else ""
                 self.problem(
                     key_node,
                     f"{fld}.{key}" if fld else key,
                     "unknown field",
-                    f"use one of: {', '.join(allowed)}",
+                    f"{hint}use one of: {', '.join(allowed)}",
                 )
 
     def scalar(self, node: yaml.Node, fld: str) -> yaml.ScalarNode | None:
@@ -1134,10 +1137,17 @@ def _check_references(tiers, broken, users, interfaces, problems) -> None:
 
 
 def policy_files(target: Path) -> list[Path]:
-    """Return the policy files of a directory (sorted *.yaml, *.yml) or a file."""
+    """Return the policy files of a directory (sorted *.yaml, *.yml) or a file.
+
+    A symlink named *.yaml whose target is missing is returned, so that
+    loading it reports the broken link instead of skipping its policy.
+    """
     if target.is_dir():
         return sorted(
-            p for p in target.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file()
+            p
+            for p in target.iterdir()
+            if p.suffix in (".yaml", ".yml")
+            and (p.is_file() or (p.is_symlink() and not p.exists()))
         )
     return [target]
 

@@ -294,3 +294,24 @@ def test_size_above_64_bits():
     assert len(problems) == 1
     assert problems[0].startswith("p.yaml:8: tiers.heavy.memory.min: size ")
     assert "above 2**64 - 1 bytes" in problems[0]
+
+
+def test_unknown_field_near_miss():
+    problems = problems_of(GOOD.replace("cpu.weight: 800", "cpu.wieght: 800"))
+    assert any(
+        p.startswith("p.yaml:7: tiers.heavy.cpu.wieght: unknown field")
+        and "did you mean cpu.weight?" in p
+        for p in problems
+    )
+
+
+def test_dangling_symlink_in_directory(tmp_path):
+    (tmp_path / "a.yaml").write_text(GOOD)
+    (tmp_path / "b.yaml").symlink_to(tmp_path / "absent.yaml")
+    with pytest.raises(PolicyError) as caught:
+        policy.load([tmp_path])
+    problems = [str(p) for p in caught.value.problems]
+    assert problems == [
+        f"{tmp_path / 'b.yaml'}:1: (file): cannot be read: No such file or "
+        "directory; check the path and its permissions"
+    ]
