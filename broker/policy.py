@@ -273,6 +273,11 @@ def advice(policy: Policy) -> list[str]:
     often a typo that leaves nobody managed or shaped.
     """
     lines = []
+    if not policy.users:
+        names = policy.source_names() or "the policy"
+        lines.append(
+            f"{names}: users: none listed, so nobody is managed; add a users entry"
+        )
     for entry in policy.users:
         match = entry.match
         if match.name is not None and not _exists(pwd.getpwnam, match.name):
@@ -581,6 +586,13 @@ def _parse_tier(reader: _Reader, name: str, node: yaml.Node) -> Tier | None:
             f"{fld}.memory.low",
             "is below memory.min",
             "set memory.low >= memory.min or drop it",
+        )
+    if high is not None and low is not None and low > high and low_node:
+        reader.problem(
+            low_node[1],
+            f"{fld}.memory.low",
+            "is above memory.high, so the part above it can never be used",
+            "lower memory.low to memory.high or less",
         )
     if high is not None and high < values["memory_min"] and "memory.high" in items:
         reader.problem(
@@ -930,11 +942,11 @@ def _compose(path: str, text: str, problems: list[PolicyProblem]) -> yaml.Node |
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
-        problems.append(
-            PolicyProblem(
-                path, line, "(syntax)", str(exc.problem or exc), "fix the YAML syntax"
-            )
-        )
+        text, fix = str(exc.problem or exc), "fix the YAML syntax"
+        if "another document" in text:
+            text = "a second YAML document starts here"
+            fix = "one policy per file: remove the '---' line or split the file"
+        problems.append(PolicyProblem(path, line, "(syntax)", text, fix))
     except yaml.YAMLError as exc:
         problems.append(
             PolicyProblem(path, 1, "(syntax)", str(exc), "fix the YAML syntax")
@@ -1226,7 +1238,11 @@ def _read_utf8(path: Path) -> str:
 def resolve_policy_paths(explicit: list[str] | None) -> list[Path]:
     """Return the policy paths to load: the given ones, else the default directory."""
     if explicit:
-        return [Path(p) for p in explicit]
+        # A path given twice is loaded once, or its entries would clash with themselves.
+        unique: dict[str, Path] = {}
+        for text in explicit:
+            unique.setdefault(os.path.realpath(text), Path(text))
+        return list(unique.values())
     env = os.environ.get("BROKER_POLICY_DIR")
     directory = Path(env) if env else DEFAULT_POLICY_DIR
     return [directory] if directory.is_dir() and policy_files(directory) else []

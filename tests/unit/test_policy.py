@@ -315,3 +315,27 @@ def test_dangling_symlink_in_directory(tmp_path):
         f"{tmp_path / 'b.yaml'}:1: (file): cannot be read: No such file or "
         "directory; check the path and its permissions"
     ]
+
+
+def test_memory_low_above_high_rejected():
+    text = GOOD.replace("memory.low: 256M", "memory.low: 2G")
+    (problem,) = problems_of(text)
+    assert problem.startswith("p.yaml:9: tiers.heavy.memory.low: is above memory.high")
+
+
+def test_second_document_names_fix():
+    (problem,) = problems_of(GOOD + "---\nusers: []\n")
+    assert "remove the '---' line" in problem
+
+
+def test_advice_warns_without_users():
+    loaded = policy.load_texts([("p.yaml", "tiers: {}\n")])
+    (line,) = policy.advice(loaded)
+    assert line.startswith("p.yaml: users: none listed")
+
+
+def test_path_given_twice_loaded_once(tmp_path):
+    path = tmp_path / "a.yaml"
+    path.write_text(GOOD)
+    paths = policy.resolve_policy_paths([str(path), str(tmp_path / "." / "a.yaml")])
+    assert paths == [path]
