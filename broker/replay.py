@@ -17,6 +17,7 @@ import argparse
 import csv
 import difflib
 import heapq
+import importlib.util
 import json
 import logging
 import math
@@ -138,6 +139,7 @@ def load_azure_functions(directory: Path, seed: int = 0, spread: float = 60.0) -
 def _azure_memory(path: Path) -> dict[str, float]:
     """Return megabytes per function from memory.csv, or nothing if it is absent."""
     if not path.exists():
+        log.warning("%s not found: idle memory GB-seconds will be 0", path)
         return {}
     return {
         row["HashFunction"]: _size(
@@ -1492,6 +1494,8 @@ def plot(comparison: Comparison, trace: Trace, path: Path, users: int = 3) -> No
 
 def _check_plot_path(path: Path) -> None:
     """Raise TraceError before a replay whose plot could not be written."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise TraceError("--plot needs matplotlib: install the `plot` extra")
     directory = path.parent
     if not directory.is_dir():
         raise TraceError(

@@ -549,6 +549,29 @@ def test_run_plot_unwritable(tmp_path, capsys):
     assert f"--plot {target}: " in err
 
 
+def test_run_plot_without_matplotlib(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(replay.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(replay, "load_trace", pytest.fail)
+    parser = replay.argparse.ArgumentParser()
+    replay._add_arguments(parser)
+    args = parser.parse_args(["t.csv", "--plot", str(tmp_path / "plot.png")])
+    # Rejected before the trace is read, so no replay runs first.
+    assert replay.run(args) == 1
+    assert "--plot needs matplotlib" in capsys.readouterr().err
+
+
+def test_load_azure_without_memory_warns(tmp_path, caplog):
+    (tmp_path / "invocations.csv").write_text(
+        "HashOwner,HashApp,HashFunction,Trigger,480\no1,a1,f1,http,2\n"
+    )
+    (tmp_path / "durations.csv").write_text(
+        "HashOwner,HashApp,HashFunction,Average\no1,a1,f1,1500\n"
+    )
+    trace = replay.load_azure_functions(tmp_path)
+    assert trace.users[0].memory_mb == 0.0
+    assert "memory.csv not found" in caplog.text
+
+
 def test_load_csv_arrivals_bounded(tmp_path, monkeypatch):
     monkeypatch.setattr(replay, "MAX_TRACE_ARRIVALS", 5)
     path = tmp_path / "trace.csv"
