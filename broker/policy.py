@@ -323,6 +323,9 @@ def _account(uid: int) -> tuple[str | None, frozenset[str]]:
 # --------------------------------------------------------------------------
 
 
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 class _Reader:
     """Walks composed YAML nodes of one file and collects problems."""
 
@@ -350,8 +353,12 @@ class _Reader:
             )
             return None
         out: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+        merges: list[yaml.Node] = []
         for key_node, value_node in node.value:
             key = str(key_node.value)
+            if key_node.tag == MERGE_TAG:
+                merges.append(value_node)
+                continue
             if key in out:
                 first = out[key][0].start_mark.line + 1
                 self.problem(
@@ -362,7 +369,26 @@ class _Reader:
                 )
                 continue
             out[key] = (key_node, value_node)
+        for merged in merges:
+            self._merge(merged, fld, out)
         return out
+
+    def _merge(
+        self, node: yaml.Node, fld: str, out: dict[str, tuple[yaml.Node, yaml.Node]]
+    ) -> None:
+        """Add the keys of a `<<:` merge that the mapping does not set itself."""
+        sources = node.value if isinstance(node, yaml.SequenceNode) else [node]
+        for source in sources:
+            if not isinstance(source, yaml.MappingNode):
+                self.problem(
+                    source,
+                    f"{fld}.<<" if fld else "<<",
+                    "a merge key takes a mapping or a list of mappings",
+                    "merge an anchored mapping, e.g. `<<: *defaults`",
+                )
+                continue
+            for key, pair in (self.mapping(source, fld) or {}).items():
+                out.setdefault(key, pair)
 
     def unknown_keys(
         self,

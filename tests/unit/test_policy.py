@@ -339,3 +339,35 @@ def test_path_given_twice_loaded_once(tmp_path):
     path.write_text(GOOD)
     paths = policy.resolve_policy_paths([str(path), str(tmp_path / "." / "a.yaml")])
     assert paths == [path]
+
+
+MERGED = """\
+tiers:
+  light: &base
+    cpu.weight: 200
+    memory.min: 32M
+  heavy:
+    <<: *base
+    cpu.weight: 800
+users:
+  - uid: 5000
+    pool: {light: 1, heavy: 1}
+"""
+
+
+def test_merge_key_fills_missing_fields():
+    heavy = policy.load_texts([("p.yaml", MERGED)]).tier("heavy")
+    assert heavy.memory_min == 32 * 2**20
+
+
+def test_merge_key_explicit_field_wins():
+    heavy = policy.load_texts([("p.yaml", MERGED)]).tier("heavy")
+    assert heavy.cpu_weight == 800
+
+
+def test_merge_key_scalar_rejected():
+    text = MERGED.replace("<<: *base", "<<: 3")
+    problems = problems_of(text)
+    assert any(
+        p.startswith("p.yaml:6: tiers.heavy.<<: a merge key takes") for p in problems
+    )
