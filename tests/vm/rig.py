@@ -665,6 +665,9 @@ export PYTHONDONTWRITEBYTECODE=1
 def prepare_share(share: Path, script: Path | None, dependencies: Path) -> None:
     """Fill SHARE with a project copy, the wheelhouse and SCRIPT."""
     share.mkdir(parents=True, exist_ok=True)
+    # Guest tests run servers as unprivileged users from the project copy, so the
+    # share must be readable by all (mkdtemp creates it 0700).
+    share.chmod(0o755)
     for leftover in ("out.log", "rc", "console.log", "qemu.log", "project"):
         path = share / leftover
         if path.is_dir():
