@@ -68,6 +68,8 @@ CONSTANT_SCALE = 0.1
 
 # Scored forecasts needed before their residuals replace the normal distribution.
 MIN_RESIDUALS = 8
+# The standard normal's CDF at 1: its 84th percentile is one std above the median.
+UPPER_SIGMA = 0.8413447
 
 # Resources whose demand is a count.
 DISCRETE = frozenset({"arrivals", "open_connections"})
@@ -167,13 +169,16 @@ class Forecast:
     def calibrated(self) -> tuple[np.ndarray, np.ndarray]:
         """Return mean and std in square-root units, corrected by past residuals.
 
-        With enough residuals the mean moves by std x their mean and the std
-        is scaled by their standard deviation, so moments used by Little's law
-        are as wide as the errors of past forecasts were.
+        With enough residuals the mean moves by std x their median, and the
+        std is scaled by their upper spread (84th percentile - median, 1 for
+        normal errors). Sizing cares about demand above the forecast, so
+        over-forecasts, such as those when a user's load stops, do not widen
+        the moments that Little's law uses.
         """
         if self.residuals.size < MIN_RESIDUALS:
             return self.mean, self.std
-        shift, scale = float(np.mean(self.residuals)), float(np.std(self.residuals))
+        median, upper = np.quantile(self.residuals, [0.5, UPPER_SIGMA])
+        shift, scale = float(median), float(upper - median)
         return self.mean + self.std * shift, np.maximum(self.std * scale, STD_FLOOR)
 
     def expected(self) -> np.ndarray:

@@ -330,6 +330,32 @@ def test_calibrated_moments():
     assert forecast.expected()[0] == pytest.approx(10.0)
 
 
+def test_calibrated_ignores_over_forecasts():
+    # Twelve errors spread like a standard normal at its quantiles, plus four
+    # large over-forecasts (demand far below the forecast, as when load stops).
+    normal = predictor.ndtri((np.arange(12) + 0.5) / 12)
+    residuals = np.sort(np.concatenate([normal, [-6.0] * 4]))
+    forecast = Forecast(
+        "u",
+        "busy",
+        "gp",
+        5.0,
+        np.array([3.0]),
+        np.array([0.5]),
+        residuals=residuals,
+        discrete=False,
+    )
+    mean, std = forecast.calibrated()
+    # The median of the 16 errors lies between the 4th and 5th of the normal
+    # ones; the upper spread (84th percentile - median) stays about 1.
+    median = float(np.quantile(residuals, 0.5))
+    upper = float(np.quantile(residuals, predictor.UPPER_SIGMA))
+    assert mean[0] == pytest.approx(3.0 + 0.5 * median)
+    assert std[0] == pytest.approx(0.5 * (upper - median))
+    # Their standard deviation (about 2.7) would have widened the std 2.7 times.
+    assert std[0] < 0.5 * 1.5
+
+
 def test_calibrated_needs_residuals():
     forecast = Forecast(
         "u", "busy", "gp", 5.0, np.array([3.0]), np.array([0.5]), discrete=False
