@@ -346,8 +346,8 @@ def test_calibrated_ignores_over_forecasts():
         discrete=False,
     )
     mean, std = forecast.calibrated()
-    # The median of the 16 errors lies between the 4th and 5th of the normal
-    # ones; the upper spread (84th percentile - median) stays about 1.
+    # The median of the 16 errors lies between the 4th and 5th normal ones.
+    # The upper spread (84th percentile - median) stays about 1.
     median = float(np.quantile(residuals, 0.5))
     upper = float(np.quantile(residuals, predictor.UPPER_SIGMA))
     assert mean[0] == pytest.approx(3.0 + 0.5 * median)
