@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib
 import logging
 import os
 import signal
 import statistics
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -46,6 +48,8 @@ USER_REFRESH_SECONDS = 30.0
 SLOTS_UNIT = "broker-slots.service"
 SLOTS_UNIT_CGROUP = "/system.slice/broker-slots.service"
 CLASS_STATS_SECONDS = 5.0
+# Imports scikit-learn, which takes seconds: 10-18 s in the TCG test VM.
+FORECAST_MODULE = "broker.forecast_loop"
 
 
 @dataclass
@@ -144,6 +148,7 @@ class Daemon:
         self._last_measure = 0.0
         self._pools_stale = False
         self.forecast: Any = None  # broker.forecast_loop.ForecastLoop when enabled
+        self._forecast_import: asyncio.Future | None = None
         self.plan_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plan")
         self.shaper: ShaperGroup | None = None
         # Netlink calls block for milliseconds to a fraction of a second, so
@@ -348,8 +353,13 @@ class Daemon:
 
     # -- forecast ----------------------------------------------------------------
 
-    def update_forecast(self, policy: Policy) -> None:
-        """Start, keep or stop the forecast loop to match the policy."""
+    def update_forecast(self, policy: Policy, background: bool = False) -> None:
+        """Start, keep or stop the forecast loop to match the policy.
+
+        With background, a first import of the forecast module runs on the
+        plan worker, because on the event loop it stalls activations and can
+        outlast WatchdogSec. The static pools apply until the import is done.
+        """
         if not policy.forecast.enabled:
             self.forecast = None
             return
@@ -358,6 +368,11 @@ class Daemon:
             and self.forecast.policy.forecast == policy.forecast
         ):
             self.forecast.policy = policy  # tiers and users may change, history stays
+            return
+        if background and (
+            self._forecast_import is not None or FORECAST_MODULE not in sys.modules
+        ):
+            self.import_forecast()
             return
         from broker.forecast_loop import ForecastLoop  # imports scikit-learn
 
@@ -368,6 +383,35 @@ class Daemon:
             policy.forecast.plan_interval,
             policy.forecast.quantile,
         )
+
+    def import_forecast(self) -> None:
+        """Import the forecast module on the plan worker, then apply the policy in force."""
+        if self._forecast_import is not None:
+            return  # its callback reads the newest policy
+        log.info(
+            "forecast: loading scikit-learn; static pools apply until it is loaded"
+        )
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(
+            self.plan_worker, importlib.import_module, FORECAST_MODULE
+        )
+        self._forecast_import = future
+
+        def done(result: asyncio.Future) -> None:
+            self._forecast_import = None
+            if result.cancelled():
+                log.error("forecast: loading %s was cancelled", FORECAST_MODULE)
+            elif result.exception() is not None:
+                log.error(
+                    "forecast: loading %s failed: %r",
+                    FORECAST_MODULE,
+                    result.exception(),
+                )
+            elif self.policy is not None and not self.stop_event.is_set():
+                self.update_forecast(self.policy)
+                self._pools_stale = True
+
+        future.add_done_callback(done)
 
     def measure_and_plan(self) -> None:
         """Record demand every forecast interval and start a plan when one is due."""
@@ -442,7 +486,7 @@ class Daemon:
             return
         self.policy = new_policy
         self.update_shaper(new_policy)
-        self.update_forecast(new_policy)
+        self.update_forecast(new_policy, background=True)
         self.policy_loaded_at = time.time()
         self.last_reload_error = []
         log.info("policy reloaded: %s", new_policy.summary())
