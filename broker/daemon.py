@@ -97,20 +97,48 @@ def resolve_root(cg: CgroupFS, explicit: str | None) -> str:
     return root
 
 
-def _unit_cgroup(unit: str) -> str | None:
-    """Return a unit's cgroup path as systemd reports it, or None."""
+def _unit_property(
+    unit: str, name: str, timeout: float = 10, value: bool = True
+) -> str | None:
+    """Return properties of a systemd unit as `systemctl show` prints them, or None.
+
+    With value, only the value of the one property; else NAME=VALUE lines.
+    """
+    command = ["systemctl", "show", f"--property={name}", unit]
+    if value:
+        command.insert(3, "--value")
     try:
         result = subprocess.run(
-            ["systemctl", "show", "--property=ControlGroup", "--value", unit],
+            command,
             capture_output=True,
             text=True,
-            timeout=10,
+            timeout=timeout,
             check=False,
         )
-    except (OSError, subprocess.TimeoutExpired):
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.debug("systemctl show %s of %s failed: %s", name, unit, exc)
         return None
-    path = result.stdout.strip()
-    return path if result.returncode == 0 and path.startswith("/") else None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def _unit_cgroup(unit: str) -> str | None:
+    """Return a unit's cgroup path as systemd reports it, or None."""
+    path = _unit_property(unit, "ControlGroup")
+    return path if path and path.startswith("/") else None
+
+
+def stopped_unit_kill_mode(unit: str) -> str | None:
+    """Return the KillMode of a unit that is stopping or stopped, else None.
+
+    None also when systemd cannot be asked, so that nothing is killed on a guess.
+    """
+    text = _unit_property(unit, "ActiveState,KillMode", timeout=2, value=False)
+    fields = dict(
+        line.split("=", 1) for line in (text or "").splitlines() if "=" in line
+    )
+    if fields.get("ActiveState") in (None, "active", "reloading", "activating"):
+        return None
+    return fields.get("KillMode") or None
 
 
 def is_delegated(cg: CgroupFS, root: str) -> bool:
@@ -220,6 +248,7 @@ class Daemon:
             on_change=self.mark_dirty,
             on_slot_state=self.on_slot_state,
             on_miss=self.on_miss,
+            kill_mode=stopped_unit_kill_mode,
         )
         self.update_forecast(self.policy)
         if self.policy.interfaces:

@@ -60,6 +60,12 @@ USER_METRICS = (
         ("counters", "returned_elsewhere"),
     ),
     (
+        "broker_stopped_with_unit_total",
+        "counter",
+        "Processes killed because systemd stopped their service while they were in a slot.",
+        ("counters", "stopped_with_unit"),
+    ),
+    (
         "broker_accepts_total",
         "counter",
         "Connections accepted, counted in BPF.",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from broker.state import Placement
 log = logging.getLogger(__name__)
 
 LATENCY_SAMPLES = 4096
+# The reason given when a slot's owner exited and its leftovers go home.
+OWNER_EXITED = "owner exited"
 
 
 @dataclass
@@ -42,6 +45,7 @@ class UserCounters:
     kernel_threads: int = 0
     move_failures: int = 0
     returned_elsewhere: int = 0
+    stopped_with_unit: int = 0  # killed because their service was stopped
 
 
 @dataclass
@@ -54,6 +58,8 @@ class Trigger:
     on_change: Callable[[], None] = lambda: None  # placements changed
     on_slot_state: Callable[[int, str | None], None] = lambda uid, tier: None
     on_miss: Callable[[int], None] = lambda uid: None  # cold path: ask for a slot
+    # Unit name -> its KillMode, or None when systemd cannot tell.
+    kill_mode: Callable[[str], str | None] = lambda unit: None
     placements: dict[int, Placement] = field(default_factory=dict)
     counters: dict[int, UserCounters] = field(default_factory=dict)
     # Kernel accept timestamp to the return of the cgroup.procs write.
@@ -249,6 +255,8 @@ class Trigger:
         and logs where the process went. A cgroup accepts processes when it
         has no controllers enabled for its children, and the root always does.
         """
+        if self._stop_with_unit(pid, home, uid, reason):
+            return None
         target = home
         while True:
             outcome = (
@@ -287,6 +295,52 @@ class Trigger:
                 return None
             target = parent_of(target)
 
+    def _stop_with_unit(self, pid: int, home: str, uid: int, reason: str) -> bool:
+        """Kill pid if its home was a service that systemd has since stopped.
+
+        systemd kills every process in the cgroup of a stopping unit with
+        KillMode=control-group or mixed, but not the ones the broker had moved
+        into a slot. So those are killed here, as systemd would have done;
+        return True if pid was. systemd is asked only when home is gone or the
+        slot's owner exited, because a stop shows up as one of the two.
+        """
+        unit = home.rsplit("/", 1)[-1]
+        if not unit.endswith(".service"):
+            return False
+        if self.cg.exists(home) and reason != OWNER_EXITED:
+            return False
+        mode = self.kill_mode(unit)
+        if mode not in ("control-group", "mixed"):
+            return False
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return True
+        try:
+            # The pidfd pins the process, so the pid cannot be reused between
+            # this check that it is still in a slot and the signal.
+            where = self.cg.cgroup_of(pid) or ""
+            if not where.startswith(self.reconciler.users_dir + "/"):
+                return False
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            return True
+        except OSError as exc:
+            log.error("pid %d of stopped %s could not be killed: %s", pid, unit, exc)
+            return False
+        finally:
+            os.close(pidfd)
+        self.user(uid).stopped_with_unit += 1
+        log.warning(
+            "pid %d of uid %d: its unit %s was stopped (KillMode=%s), so it was "
+            "killed as systemd would have",
+            pid,
+            uid,
+            unit,
+            mode,
+        )
+        return True
+
     def _forget(self, placement: Placement, slot: Slot | None, exited: bool) -> None:
         self.placements.pop(placement.tgid, None)
         self._unwatch(placement.tgid)
@@ -300,7 +354,7 @@ class Trigger:
             )
             leftovers = self.cg.procs(placement.slot)
             for pid in leftovers:
-                self.return_pid(pid, placement.home, placement.uid, "owner exited")
+                self.return_pid(pid, placement.home, placement.uid, OWNER_EXITED)
         if slot is not None:
             self.reconciler.release(slot)
         if not any(p.uid == placement.uid for p in self.placements.values()):
