@@ -191,7 +191,9 @@ class Trigger:
         try:
             fd = os.pidfd_open(tgid)
         except ProcessLookupError:
-            return  # already gone: check_placements() drops it
+            # Exited (and reaped) before the watch began: free its slot now.
+            self._loop.call_soon(self._on_exit, tgid)
+            return
         except OSError as exc:
             log.debug(
                 "pidfd_open(%d) failed: %s; relying on periodic checks", tgid, exc
