@@ -198,6 +198,10 @@ class Daemon:
         return policy_mod.load(paths)
 
     async def run(self) -> int:
+        # Python's default for SIGHUP ends the process. Until the loop's handler
+        # is installed, a SIGHUP only marks a reload to run once started.
+        early_reload: list[int] = []
+        signal.signal(signal.SIGHUP, lambda signum, frame: early_reload.append(signum))
         self.features = features_mod.probe(self.cg)
         features_mod.log_features(self.features)
         try:
@@ -224,6 +228,9 @@ class Daemon:
         self.install_signal_handlers()
         self.notifier.ready(self.status_line())
         log.info("broker ready: %s", self.status_line())
+        if early_reload:
+            log.info("reloading for a SIGHUP received while starting")
+            self.reload()
         await self.control_loop()
         self.shutdown()
         return 0
