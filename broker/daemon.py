@@ -274,8 +274,16 @@ class Daemon:
         assert self.trigger is not None and self.reconciler is not None
         saved = {p.tgid: p for p in state_mod.load_placements(self.state_dir)}
         for slot in self.reconciler.pools.all():
-            for pid in self.cg.procs(slot.path):
+            pids = self.cg.procs(slot.path)
+            owner_here = any(
+                pid in saved and saved[pid].slot == slot.path for pid in pids
+            )
+            for pid in pids:
                 placement = saved.get(pid)
+                if placement is None and owner_here:
+                    # Started in the slot by its owner: it goes home with the owner.
+                    log.debug("pid %d stays in %s with its owner", pid, slot.path)
+                    continue
                 if placement is not None and placement.slot == slot.path:
                     placement.last_accept = time.monotonic()
                     slot.tgid = pid

@@ -11,6 +11,7 @@ from /proc/PID/cgroup.
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from tests.vm.guest.guestlib import (
     clear_policies,
     ensure_user,
     in_guest,
+    main_pid,
     sh,
     wait_until,
     write_policy,
@@ -159,5 +161,29 @@ def test_kill_mode_process_keeps_children(daemon):
         )
         for pid in children:
             assert alive(pid), f"pid {pid} ended although KillMode=process"
+    finally:
+        service.remove()
+
+
+def test_restart_keeps_children_in_slot(daemon):
+    service = start_placed("linger-adopt", 8303, None)
+    try:
+        children = [pid for pid in service.children() if in_slot(pid)]
+        assert len(children) >= 2
+        old = main_pid()
+        os.kill(old, signal.SIGKILL)
+        wait_until(lambda: main_pid() not in (0, old), 60, "the daemon restarted")
+        wait_until(
+            lambda: (
+                sh("systemctl", "is-active", "broker", check=False).stdout.strip()
+                == "active"
+            ),
+            120,
+            "active again",
+        )
+        # The owner was re-adopted, so the children it forked stay with it.
+        assert in_slot(service.main_pid())
+        for pid in children:
+            assert in_slot(pid), f"pid {pid} left the slot on restart"
     finally:
         service.remove()
