@@ -3,7 +3,7 @@
 A service run as a managed user forks a long-lived child per connection.
 Once its main process is in a slot, the children are born there, outside
 the unit's cgroup, where systemd cannot see them. Stopping the unit must
-still end them when its KillMode says so, and leave them alive (outside
+still end them when its KillMode requires it, and leave them alive (outside
 any broker cgroup) when it does not. Liveness is read from /proc, placement
 from /proc/PID/cgroup.
 """
