@@ -94,6 +94,20 @@ def pair() -> Iterator[NetPair]:
     try:
         run("ip", "netns", "add", net.shaped)
         run("ip", "netns", "add", net.peer_ns)
+        for ns in (net.shaped, net.peer_ns):
+            # Without IPv6 the kernel sends nothing of its own (MLD reports,
+            # router solicitations) after link-up. Such a packet in the instant
+            # between a new qdisc and its default class would go direct.
+            run(
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "sysctl",
+                "-qw",
+                "net.ipv6.conf.all.disable_ipv6=1",
+                "net.ipv6.conf.default.disable_ipv6=1",
+            )
         run(
             "ip",
             "-n",

@@ -26,7 +26,7 @@ from tests.vm.guest.guestlib import (
 
 pytestmark = pytest.mark.skipif(not in_guest(), reason="runs inside the test VM")
 
-USER, UID = "hank", 3001
+USER, UID = "hank", 3101
 # Forecasts make the start slow (scikit-learn loads before READY), which
 # leaves a wide window between the first log line and READY.
 POLICY = f"""\
