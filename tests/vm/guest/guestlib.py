@@ -182,6 +182,16 @@ def main_pid() -> int:
     )
 
 
+def unit_property(name: str, unit: str = "broker") -> str:
+    """Return one property of a systemd unit, as `systemctl show` prints it."""
+    return sh("systemctl", "show", "-p", name, "--value", unit).stdout.strip()
+
+
+def restarts() -> int:
+    """Return how often systemd has restarted broker.service."""
+    return int(unit_property("NRestarts") or 0)
+
+
 def status_json() -> dict:
     return json.loads(sh(BROKER, "status", "--json").stdout)
 

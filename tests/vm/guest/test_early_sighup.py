@@ -20,6 +20,7 @@ from tests.vm.guest.guestlib import (
     journal,
     main_pid,
     sh,
+    unit_property,
     wait_until,
     write_policy,
 )
@@ -40,10 +41,6 @@ users:
 forecast:
   enabled: true
 """
-
-
-def unit_property(name: str) -> str:
-    return sh("systemctl", "show", "-p", name, "--value", "broker").stdout.strip()
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from tests.vm.guest.guestlib import (
     in_guest,
     journal,
     main_pid,
+    restarts,
     sh,
     wait_until,
     write_policy,
@@ -43,11 +44,6 @@ users:
     pool: {{light: 1}}
 """
 FORECAST = STATIC + "forecast:\n  enabled: true\n  plan_interval: 10s\n"
-
-
-def restarts() -> int:
-    result = sh("systemctl", "show", "-p", "NRestarts", "--value", "broker")
-    return int(result.stdout.strip() or 0)
 
 
 def in_slot(pid: int) -> bool:

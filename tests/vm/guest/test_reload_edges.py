@@ -22,7 +22,9 @@ from tests.vm.guest.guestlib import (
     in_guest,
     journal,
     main_pid,
+    restarts,
     sh,
+    unit_property,
     wait_until,
     write_policy,
 )
@@ -52,16 +54,6 @@ def slot_dir(uid: int) -> str:
 
 def in_slot_of(uid: int, pid: int) -> bool:
     return cgroup_of(pid).startswith(slot_dir(uid) + "/")
-
-
-def unit_state() -> str:
-    result = sh("systemctl", "show", "-p", "ActiveState", "--value", "broker")
-    return result.stdout.strip()
-
-
-def restarts() -> int:
-    result = sh("systemctl", "show", "-p", "NRestarts", "--value", "broker")
-    return int(result.stdout.strip() or 0)
 
 
 def describe_tree(cgroup: str) -> str:
@@ -116,7 +108,7 @@ def test_sighup_storm_keeps_placement(servers):
         os.kill(pid, signal.SIGHUP)
     time.sleep(5)
     assert main_pid() == pid
-    assert unit_state() == "active"
+    assert unit_property("ActiveState") == "active"
     assert cgroup_of(dave.pid) == slot
 
 
@@ -158,6 +150,6 @@ def test_reload_zero_interval_rejected(servers):
         log = journal(since)
         assert restarts() == 0, log
         assert main_pid() == pid, log
-        assert unit_state() == "active", log
+        assert unit_property("ActiveState") == "active", log
     finally:
         write_policy("10-edges.yaml", BOTH)
