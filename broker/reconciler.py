@@ -183,9 +183,7 @@ class Reconciler:
         for uid in list(self.pools.slots):
             if uid not in desired:
                 self._apply_user(uid, {}, tiers, changes, {})
-        self._write_sums(
-            self.users_dir, [join(self.users_dir, f"uid-{u}") for u in self.pools.slots]
-        )
+        self._write_users_sums()
         return changes
 
     def _apply_user(
@@ -212,12 +210,7 @@ class Reconciler:
                 slot.retiring = False
                 continue
             self._retire(slot, slots, changes)
-        if not slots:
-            del self.pools.slots[uid]
-            if not self.dry_run and self.cg.exists(user_path):
-                self.cg.rmdir(user_path)
-            return
-        self._write_sums(user_path, [s.path for s in slots])
+        self._settle_user(uid)
 
     def _ensure_slot(
         self,
@@ -270,17 +263,24 @@ class Reconciler:
             return
         slots = self.pools.slots.get(slot.uid, [])
         self._retire(slot, slots, {"created": 0, "removed": 0, "retiring": 0})
-        user_path = join(self.users_dir, f"uid-{slot.uid}")
+        self._settle_user(slot.uid)
+        self._write_users_sums()
+
+    def _settle_user(self, uid: int) -> None:
+        """Remove a user's cgroup once it has no slot, else rewrite its sums."""
+        user_path = join(self.users_dir, f"uid-{uid}")
+        slots = self.pools.slots.get(uid, [])
         if slots:
             self._write_sums(user_path, [s.path for s in slots])
-        else:
-            # The user's last slot is gone, so its directory goes too, as in apply.
-            self.pools.slots.pop(slot.uid, None)
-            if not self.dry_run and self.cg.exists(user_path):
-                self.cg.rmdir(user_path)
-        self._write_sums(
-            self.users_dir, [join(self.users_dir, f"uid-{u}") for u in self.pools.slots]
-        )
+            return
+        self.pools.slots.pop(uid, None)
+        if not self.dry_run and self.cg.exists(user_path):
+            self.cg.rmdir(user_path)
+
+    def _write_users_sums(self) -> None:
+        """Set the users directory's memory.min and memory.low to the sum of all users'."""
+        users = [join(self.users_dir, f"uid-{u}") for u in self.pools.slots]
+        self._write_sums(self.users_dir, users)
 
     def _write_sums(self, parent: str, children: list[str]) -> None:
         """Set the parent's memory.min and memory.low to the sum of its children's."""
