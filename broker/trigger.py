@@ -247,7 +247,14 @@ class Trigger:
             self.return_pid(pid, placement.home, placement.uid, reason)
         self._forget(placement, slot, exited=False)
 
-    def return_pid(self, pid: int, home: str, uid: int, reason: str) -> str | None:
+    def return_pid(
+        self,
+        pid: int,
+        home: str,
+        uid: int,
+        reason: str,
+        kill_modes: dict[str, str | None] | None = None,
+    ) -> str | None:
         """Move pid to home, or to the nearest ancestor that accepts processes.
 
         The home cgroup may have vanished (systemd removes an empty scope) or
@@ -257,7 +264,7 @@ class Trigger:
         and logs where the process went. A cgroup accepts processes when it
         has no controllers enabled for its children, and the root always does.
         """
-        if self._stop_with_unit(pid, home, uid, reason):
+        if self._stop_with_unit(pid, home, uid, reason, kill_modes):
             return None
         target = home
         while True:
@@ -297,7 +304,14 @@ class Trigger:
                 return None
             target = parent_of(target)
 
-    def _stop_with_unit(self, pid: int, home: str, uid: int, reason: str) -> bool:
+    def _stop_with_unit(
+        self,
+        pid: int,
+        home: str,
+        uid: int,
+        reason: str,
+        kill_modes: dict[str, str | None] | None,
+    ) -> bool:
         """Kill pid if its home was a service that systemd has since stopped.
 
         systemd kills every process in the cgroup of a stopping unit with
@@ -311,7 +325,11 @@ class Trigger:
             return False
         if self.cg.exists(home) and reason != OWNER_EXITED:
             return False
-        mode = self.kill_mode(unit)
+        # A batch of leftovers shares one answer, so systemctl runs once per unit.
+        modes = {} if kill_modes is None else kill_modes
+        if unit not in modes:
+            modes[unit] = self.kill_mode(unit)
+        mode = modes[unit]
         if mode not in ("control-group", "mixed"):
             return False
         try:
@@ -355,8 +373,11 @@ class Trigger:
                 placement.slot,
             )
             leftovers = self.cg.procs(placement.slot)
+            kill_modes: dict[str, str | None] = {}
             for pid in leftovers:
-                self.return_pid(pid, placement.home, placement.uid, OWNER_EXITED)
+                self.return_pid(
+                    pid, placement.home, placement.uid, OWNER_EXITED, kill_modes
+                )
         if slot is not None:
             self.reconciler.release(slot)
         if not any(p.uid == placement.uid for p in self.placements.values()):

@@ -34,3 +34,39 @@ def test_exit_before_watch_frees_slot(tmp_path):
     asyncio.run(watch())
     assert child.pid not in trigger.placements
     assert slot.tgid is None
+
+
+def test_leftovers_query_systemd_once(tmp_path):
+    fs = FakeCgroupFS(tmp_path)
+    fs.mkdir("/broker")
+    reconciler = Reconciler(fs, "/broker")
+    reconciler.prepare(want_io=False)
+    reconciler.apply({1001: {"light": 1}}, TIERS)
+    slot = reconciler.pools.slots[1001][0]
+    owner = subprocess.Popen(["true"])
+    owner.wait()
+    # Two live processes of this test stand in for the owner's leftovers. The
+    # fake tree lists them in the slot, but /proc puts them elsewhere, so the
+    # trigger never signals them.
+    leftovers = [subprocess.Popen(["sleep", "30"]) for _ in range(2)]
+    fs.fs_path(slot.path, "cgroup.procs").write_text(
+        "".join(f"{p.pid}\n" for p in leftovers)
+    )
+    asked: list[str] = []
+
+    def kill_mode(unit: str) -> str:
+        asked.append(unit)
+        return "control-group"
+
+    trigger = Trigger(
+        fs, reconciler, idle_timeout=lambda uid: 30.0, kill_mode=kill_mode
+    )
+    placement = Placement(owner.pid, 1001, slot.path, "/gone.service", 0, 0, 0.0)
+    trigger.placements[owner.pid] = placement
+    try:
+        trigger._forget(placement, slot, exited=True)
+    finally:
+        for process in leftovers:
+            process.kill()
+            process.wait()
+    assert asked == ["gone.service"]
