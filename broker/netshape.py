@@ -861,6 +861,17 @@ class Shaper:
             self._log_report(report)
             return report
 
+    def _delete_root_qdisc(self, ifindex: int, target: str) -> None:
+        """Delete the broker's HTB root qdisc, and with it every class and filter."""
+        self._netlink.write(
+            "delete",
+            target,
+            "del",
+            index=ifindex,
+            handle=self.qdisc_handle,
+            parent=TC_H_ROOT,
+        )
+
     def _ensure_qdisc(self, ifindex: int) -> str:
         """Create the HTB root qdisc, or recreate it when default or r2q differ."""
         root = self._root_qdisc(ifindex)
@@ -877,14 +888,7 @@ class Shaper:
                 DEFAULT_MINOR,
                 self.policy.r2q,
             )
-            self._netlink.write(
-                "delete",
-                target,
-                "del",
-                index=ifindex,
-                handle=self.qdisc_handle,
-                parent=TC_H_ROOT,
-            )
+            self._delete_root_qdisc(ifindex, target)
             self._filter_attached = False
             outcome = "recreated"
         else:
@@ -1253,14 +1257,7 @@ class Shaper:
                 and root.kind == "htb"
                 and root.handle == self.qdisc_handle
             ):
-                self._netlink.write(
-                    "delete",
-                    target,
-                    "del",
-                    index=ifindex,
-                    handle=self.qdisc_handle,
-                    parent=TC_H_ROOT,
-                )
+                self._delete_root_qdisc(ifindex, target)
                 root = self._root_qdisc(ifindex)
                 if root is not None and root.handle == self.qdisc_handle:
                     raise NetshapeError(
