@@ -300,7 +300,7 @@ def _shift_to_origin(
     """Return the trace with time 0 at the first row with arrivals.
 
     Planning intervals then start at that row's timestamp, so with rows every
-    minute and --spread 60 each interval holds one row's arrivals. The trace
+    minute and --spread 60 each interval contains one row's arrivals. The trace
     ends `spread` seconds after the last row with arrivals, or just after that
     row's arrivals without a spread.
     """

@@ -325,7 +325,7 @@ class Trigger:
             return False
         if self.cg.exists(home) and reason != OWNER_EXITED:
             return False
-        # A batch of leftovers shares one answer, so systemctl runs once per unit.
+        # Leftovers of one owner share the result, so systemctl runs once per unit.
         modes = {} if kill_modes is None else kill_modes
         if unit not in modes:
             modes[unit] = self.kill_mode(unit)
@@ -337,8 +337,8 @@ class Trigger:
         except ProcessLookupError:
             return True
         try:
-            # The pidfd pins the process, so the pid cannot be reused between
-            # this check that it is still in a slot and the signal.
+            # A signal through the pidfd reaches only the process it was opened
+            # on, so a pid reused after this check of its cgroup is never hit.
             where = self.cg.cgroup_of(pid) or ""
             if not where.startswith(self.reconciler.users_dir + "/"):
                 return False

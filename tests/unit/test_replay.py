@@ -185,7 +185,7 @@ def test_load_csv(tmp_path):
 
 
 def test_load_csv_spread_aligned(tmp_path):
-    # Rows at 100 s and 160 s, each spread over 60 s: interval 1 holds the
+    # Rows at 100 s and 160 s, each spread over 60 s. Interval 1 contains the
     # first row's 3 arrivals and interval 2 the second row's 2, whichever
     # instants the spread draws.
     path = tmp_path / "trace.csv"

@@ -52,10 +52,10 @@ def test_leftovers_query_systemd_once(tmp_path):
     fs.fs_path(slot.path, "cgroup.procs").write_text(
         "".join(f"{p.pid}\n" for p in leftovers)
     )
-    asked: list[str] = []
+    queried_units: list[str] = []
 
     def kill_mode(unit: str) -> str:
-        asked.append(unit)
+        queried_units.append(unit)
         return "control-group"
 
     trigger = Trigger(
@@ -69,4 +69,4 @@ def test_leftovers_query_systemd_once(tmp_path):
         for process in leftovers:
             process.kill()
             process.wait()
-    assert asked == ["gone.service"]
+    assert queried_units == ["gone.service"]

@@ -1,9 +1,10 @@
 """Test server that forks a long-lived child for every connection it accepts.
 
-Run as `python3 linger_server.py PORT`. The parent accepts; each child
-sends one response line and then sleeps, so it stays in the cgroup it was born in
-(a warm slot once the parent was placed) until something kills it. Each
-child's pid is appended to the file named by the LINGER_PIDS variable.
+Run as `python3 linger_server.py PORT`. The parent accepts, and each child
+sends one response line and then sleeps. A child therefore stays in the
+cgroup it was born in (a warm slot once the parent was placed) until
+something kills it. Each child's pid is appended to the file named by the
+LINGER_PIDS variable.
 """
 
 import os

@@ -95,7 +95,7 @@ class LingerService:
 
 
 def start_placed(name: str, port: int, kill_mode: str | None) -> LingerService:
-    """Start the service and make two connections; return it with two children."""
+    """Start the service, make two connections after its placement, and return it."""
     service = LingerService(name, port, kill_mode)
     wait_until(lambda: service.main_pid(), 20, f"{name} running")
     wait_until(
